@@ -1,0 +1,30 @@
+"""Fused kernels for α-DPO and its relatives (DPO, SimPO, IPO) that never materialise the logits.
+
+Public API:
+    fused_sequence_logps     per-row (length-normalised) log-probs from hidden states + LM head
+    reference_sequence_logps the same from full logits (fp64-capable; tests and the naive baseline)
+    fused_alpha_dpo_loss     the loss, functional form (margin state in, updated state out)
+    FusedAlphaDPOLoss        the loss as an nn.Module holding the margin state in buffers
+"""
+
+from .loss import AlphaDPOOutput, FusedAlphaDPOLoss, fused_alpha_dpo_loss
+from .losses import LOSS_TYPES
+from .ops import LogpsOptions, fused_sequence_logps, reference_sequence_logps
+from .ops.sequence_logps import resolve_backend
+
+__version__ = "0.1.0"
+
+
+def backends() -> dict[str, bool]:
+    """Which backends of ``fused_sequence_logps`` can run here."""
+    from .ops.sequence_logps import triton_available
+
+    import torch
+
+    return {"torch": True, "triton": triton_available() and torch.cuda.is_available()}
+
+
+__all__ = [
+    "AlphaDPOOutput", "FusedAlphaDPOLoss", "LOSS_TYPES", "LogpsOptions", "backends", "fused_alpha_dpo_loss",
+    "fused_sequence_logps", "reference_sequence_logps", "resolve_backend", "__version__",
+]

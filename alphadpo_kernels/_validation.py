@@ -1,0 +1,112 @@
+"""Input checks that run before any kernel, with errors that name the argument and what was expected.
+
+Shape, dtype and device checks read only metadata and always run. Checks that must read tensor values
+(label range, rows without a live label) cost a host synchronisation; they are on by default and can be
+switched off with ``check_values=False`` once a data pipeline is trusted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_FLOATING = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _require_tensor(x: object, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_sequence_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    ignore_index: int,
+    shift: bool,
+    softcap: float | None,
+    check_values: bool,
+    prefix: str = "",
+) -> None:
+    """Validate the inputs of ``fused_sequence_logps`` (``prefix`` is ``"ref_"`` for reference inputs)."""
+    h_name, w_name, b_name = f"{prefix}hidden", f"{prefix}weight", f"{prefix}bias"
+    hidden = _require_tensor(hidden, h_name)
+    weight = _require_tensor(weight, w_name)
+    labels = _require_tensor(labels, "labels")
+    if hidden.dtype not in _FLOATING:
+        raise TypeError(f"{h_name} must be a floating tensor (float32, bfloat16, float16), got {hidden.dtype}")
+    if hidden.dim() != 3:
+        raise ValueError(f"{h_name} must have shape [rows, T, H], got {tuple(hidden.shape)}")
+    rows, seq, hdim = hidden.shape
+    if rows == 0 or seq == 0 or hdim == 0:
+        raise ValueError(f"{h_name} must be non-empty, got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hdim:
+        raise ValueError(f"{w_name} must have shape [V, H] with H = {hdim} (from {h_name}), got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{w_name} must have at least one vocabulary row")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{w_name} must have the dtype of {h_name} ({hidden.dtype}), got {weight.dtype}")
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if tuple(labels.shape) != (rows, seq):
+        raise ValueError(f"labels must have shape [rows, T] = {(rows, seq)} to match {h_name}, got {tuple(labels.shape)}")
+    if shift and seq < 2:
+        raise ValueError(f"shift=True needs T >= 2 (logit t predicts label t+1), got T = {seq}")
+    for name, t in ((w_name, weight), ("labels", labels)):
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but {h_name} is on {hidden.device}; put them on one device")
+    if bias is not None:
+        bias = _require_tensor(bias, b_name)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{b_name} must have shape [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.device != hidden.device:
+            raise ValueError(f"{b_name} is on {bias.device} but {h_name} is on {hidden.device}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"{b_name} must have the dtype of {h_name} ({hidden.dtype}), got {bias.dtype}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a positive number or None, got {softcap}")
+    if check_values:
+        check_label_values(labels, weight.shape[0], ignore_index=ignore_index, shift=shift)
+
+
+def check_label_values(labels: torch.Tensor, vocab: int, *, ignore_index: int, shift: bool) -> None:
+    """Every label is in ``[0, vocab)`` or ``ignore_index``, and every row keeps a live label."""
+    scored = labels[:, 1:] if shift else labels
+    live = scored != ignore_index
+    bad = live & ((scored < 0) | (scored >= vocab))
+    if bool(bad.any()):
+        r, t = (int(i) for i in bad.nonzero()[0])
+        t = t + 1 if shift else t
+        raise ValueError(
+            f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; labels[{r}, {t}] = {int(labels[r, t])}"
+        )
+    empty = ~live.any(dim=1)
+    if bool(empty.any()):
+        rows = empty.nonzero().flatten().tolist()
+        where = " after the next-token shift" if shift else ""
+        raise ValueError(
+            f"labels has rows with no live label (every entry is ignore_index={ignore_index}{where}): rows "
+            f"{rows[:8]}{' ...' if len(rows) > 8 else ''}; their log-prob would be 0/0"
+        )
+
+
+def check_pair_rows(rows: int, name: str = "hidden") -> int:
+    """The chosen-first layout needs an even number of rows; returns the number of pairs."""
+    if rows % 2 != 0:
+        raise ValueError(
+            f"{name} must hold 2·P rows (P chosen responses, then P rejected ones), got an odd number: {rows}"
+        )
+    return rows // 2
+
+
+def check_ref_logps(t: object, name: str, pairs: int, device: torch.device) -> torch.Tensor:
+    t = _require_tensor(t, name)
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    if tuple(t.shape) != (pairs,):
+        raise ValueError(f"{name} must have shape [P] = ({pairs},), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but hidden is on {device}")
+    return t

@@ -1,0 +1,254 @@
+"""The user-facing loss: hidden states + LM head + labels in, α-DPO (or SimPO / DPO / IPO) loss out.
+
+Rows are laid out chosen-first: rows ``0..P-1`` are the chosen responses and rows ``P..2P-1`` the
+rejected ones, pair ``i`` being rows ``i`` and ``P + i`` (the released trainer's concatenated batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ._validation import check_pair_rows, check_ref_logps, check_sequence_inputs
+from .losses import (
+    alpha_dpo_head,
+    canonical_loss_type,
+    dpo_head,
+    ipo_head,
+    needs_reference,
+    preference_metrics,
+    simpo_head,
+)
+from .ops.sequence_logps import Backend, LogpsOptions, fused_sequence_logps
+
+__all__ = ["AlphaDPOOutput", "FusedAlphaDPOLoss", "fused_alpha_dpo_loss"]
+
+
+@dataclass
+class AlphaDPOOutput:
+    """Result of one loss call. Tensors are ``[P]`` unless noted; everything but ``loss`` is detached."""
+
+    loss: torch.Tensor  # 0-d, differentiable
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    ref_chosen_logps: torch.Tensor | None
+    ref_rejected_logps: torch.Tensor | None
+    margin_mean: torch.Tensor | None  # [1], α-DPO's running c1 after this call
+    margin_std: torch.Tensor | None  # [1], α-DPO's running c2 after this call
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _reference_logps(labels, *, ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias,
+                     pairs, device, loss_type, seq_kwargs, check_values):
+    given = (ref_chosen_logps is not None, ref_rejected_logps is not None)
+    if given[0] != given[1]:
+        missing = "ref_rejected_logps" if given[0] else "ref_chosen_logps"
+        raise ValueError(f"{missing} is missing: pass both ref_chosen_logps and ref_rejected_logps, or neither")
+    if given[0] and ref_hidden is not None:
+        raise ValueError("pass either ref_chosen_logps/ref_rejected_logps or ref_hidden/ref_weight, not both")
+    if given[0]:
+        return (check_ref_logps(ref_chosen_logps, "ref_chosen_logps", pairs, device),
+                check_ref_logps(ref_rejected_logps, "ref_rejected_logps", pairs, device))
+    if ref_hidden is None:
+        if ref_weight is not None or ref_bias is not None:
+            raise ValueError("ref_weight/ref_bias given without ref_hidden")
+        if needs_reference(loss_type):
+            raise ValueError(f"loss_type={loss_type!r} needs reference log-probs: pass ref_chosen_logps and "
+                             "ref_rejected_logps, or ref_hidden and ref_weight")
+        return None, None
+    if ref_weight is None:
+        raise ValueError("ref_hidden given without ref_weight; pass ref_weight=weight if the reference model "
+                         "shares the policy's LM head")
+    check_sequence_inputs(ref_hidden, ref_weight, labels, ref_bias, ignore_index=seq_kwargs["ignore_index"],
+                          shift=seq_kwargs["shift"], softcap=seq_kwargs["softcap"], check_values=False, prefix="ref_")
+    with torch.no_grad():
+        ref = fused_sequence_logps(ref_hidden.detach(), ref_weight.detach(), labels,
+                                   bias=ref_bias.detach() if ref_bias is not None else None,
+                                   check_values=False, **seq_kwargs)
+    return ref[:pairs], ref[pairs:]
+
+
+def fused_alpha_dpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    margin_mean: torch.Tensor | None = None,
+    margin_std: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    beta: float = 2.5,
+    gamma_beta_ratio: float = 0.6,
+    alpha: float = 0.2,
+    loss_type: str = "alpha_dpo",
+    ema_momentum: float = 0.9,
+    update_stats: bool = True,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    average_log_prob: bool = True,
+    shift: bool = False,
+    label_smoothing: float = 0.0,
+    std_eps: float = 1e-8,
+    backend: Backend = "auto",
+    check_values: bool = True,
+    options: LogpsOptions | None = None,
+    process_group=None,
+) -> AlphaDPOOutput:
+    """Fused preference loss, functional form (the margin state is passed and returned, never mutated).
+
+    Args:
+        hidden: ``[2P, T, H]`` policy last hidden states, chosen rows first.
+        weight: ``[V, H]`` policy LM-head weight (``bias``: optional ``[V]``).
+        labels: ``[2P, T]`` target ids, ``ignore_index`` on prompt and padding; with ``shift=True`` they are
+            the input ids (logit ``t`` scores ``labels[:, t+1]``), as in a TRL / released-trainer batch.
+        margin_mean, margin_std: α-DPO running ``c1, c2`` (``[1]``; zeros when None, i.e. step 1).
+        ref_chosen_logps, ref_rejected_logps: ``[P]`` precomputed reference log-probs, or
+        ref_hidden, ref_weight, ref_bias: the reference model's ``[2P, T, H]`` hidden states and head, run
+            through the forward kernel under ``no_grad``.
+        beta, gamma_beta_ratio, alpha, label_smoothing: the released trainer's hyper-parameters.
+        loss_type: ``"alpha_dpo"``, ``"simpo"``, ``"sigmoid"`` (DPO) or ``"ipo"``.
+        ema_momentum: momentum of the running margin statistics (0.9 in the released trainer).
+        update_stats: update ``c1, c2`` from this batch before use (training); False for evaluation.
+        average_log_prob: length-normalised log-probs (``ln: true`` in every released config).
+        process_group: group over which α-DPO gathers its margin statistics (default: the world, when
+            ``torch.distributed`` is initialised).
+
+    Returns:
+        :class:`AlphaDPOOutput` with the mean loss over the local pairs, per-pair logps and rewards, the
+        updated ``margin_mean`` / ``margin_std`` and the released trainer's metrics.
+    """
+    loss_type = canonical_loss_type(loss_type)
+    check_sequence_inputs(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift, softcap=softcap,
+                          check_values=check_values)
+    pairs = check_pair_rows(hidden.shape[0])
+    seq_kwargs = dict(ignore_index=ignore_index, average=average_log_prob, softcap=softcap, shift=shift,
+                      backend=backend, options=options)
+    ref_c, ref_r = _reference_logps(
+        labels, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps, ref_hidden=ref_hidden,
+        ref_weight=ref_weight, ref_bias=ref_bias, pairs=pairs, device=hidden.device, loss_type=loss_type,
+        seq_kwargs=seq_kwargs, check_values=check_values)
+    logps = fused_sequence_logps(hidden, weight, labels, bias=bias, check_values=False, **seq_kwargs)
+    pol_c, pol_r = logps[:pairs], logps[pairs:]
+    if ref_c is not None:
+        ref_c, ref_r = ref_c.to(logps.dtype), ref_r.to(logps.dtype)
+
+    if loss_type == "alpha_dpo":
+        zeros = torch.zeros(1, dtype=torch.float32, device=hidden.device)
+        head = alpha_dpo_head(
+            pol_c, pol_r, ref_c, ref_r, beta=beta, gamma_beta_ratio=gamma_beta_ratio, alpha=alpha,
+            margin_mean=margin_mean if margin_mean is not None else zeros,
+            margin_std=margin_std if margin_std is not None else zeros,
+            ema_momentum=ema_momentum, update_stats=update_stats, std_eps=std_eps,
+            label_smoothing=label_smoothing, process_group=process_group)
+    elif loss_type == "simpo":
+        head = simpo_head(pol_c, pol_r, ref_c, ref_r, beta=beta, gamma_beta_ratio=gamma_beta_ratio,
+                          label_smoothing=label_smoothing)
+    elif loss_type == "sigmoid":
+        head = dpo_head(pol_c, pol_r, ref_c, ref_r, beta=beta, label_smoothing=label_smoothing)
+    else:
+        head = ipo_head(pol_c, pol_r, ref_c, ref_r, beta=beta)
+
+    return AlphaDPOOutput(
+        loss=head.losses.mean(),
+        chosen_logps=pol_c.detach(),
+        rejected_logps=pol_r.detach(),
+        chosen_rewards=head.chosen_rewards,
+        rejected_rewards=head.rejected_rewards,
+        ref_chosen_logps=ref_c,
+        ref_rejected_logps=ref_r,
+        margin_mean=head.margin_mean,
+        margin_std=head.margin_std,
+        metrics=preference_metrics(head.chosen_rewards, head.rejected_rewards, pol_c, pol_r, ref_c, ref_r),
+    )
+
+
+class FusedAlphaDPOLoss(nn.Module):
+    """α-DPO (and SimPO / DPO / IPO) on hidden states and the LM head, logits never materialised.
+
+    The running margin statistics live in the buffers ``margin_mean`` and ``margin_std`` (``[1]``, float32):
+    they are saved in ``state_dict`` (so a resumed run continues exactly) and updated only in training mode
+    (``module.eval()`` leaves them alone).
+
+    Example::
+
+        loss_fn = FusedAlphaDPOLoss(beta=2.5, gamma_beta_ratio=0.6, alpha=0.2)
+        out = loss_fn(hidden, model.lm_head.weight, labels,
+                      ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)
+        out.loss.backward()
+    """
+
+    margin_mean: torch.Tensor
+    margin_std: torch.Tensor
+
+    def __init__(
+        self,
+        beta: float = 2.5,
+        gamma_beta_ratio: float = 0.6,
+        alpha: float = 0.2,
+        loss_type: str = "alpha_dpo",
+        ema_momentum: float = 0.9,
+        ignore_index: int = -100,
+        softcap: float | None = None,
+        average_log_prob: bool = True,
+        *,
+        shift: bool = False,
+        label_smoothing: float = 0.0,
+        std_eps: float = 1e-8,
+        check_values: bool = True,
+        options: LogpsOptions | None = None,
+    ) -> None:
+        super().__init__()
+        if not beta > 0:
+            raise ValueError(f"beta must be positive, got {beta}")
+        if not 0.0 <= ema_momentum < 1.0:
+            raise ValueError(f"ema_momentum must be in [0, 1), got {ema_momentum}")
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        self.beta, self.gamma_beta_ratio, self.alpha = beta, gamma_beta_ratio, alpha
+        self.loss_type = canonical_loss_type(loss_type)
+        self.ema_momentum, self.ignore_index, self.softcap = ema_momentum, ignore_index, softcap
+        self.average_log_prob, self.shift, self.label_smoothing = average_log_prob, shift, label_smoothing
+        self.std_eps, self.check_values, self.options = std_eps, check_values, options
+        self.register_buffer("margin_mean", torch.zeros(1))
+        self.register_buffer("margin_std", torch.zeros(1))
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        bias: torch.Tensor | None = None,
+        ref_chosen_logps: torch.Tensor | None = None,
+        ref_rejected_logps: torch.Tensor | None = None,
+        ref_hidden: torch.Tensor | None = None,
+        ref_weight: torch.Tensor | None = None,
+        ref_bias: torch.Tensor | None = None,
+        backend: Backend = "auto",
+    ) -> AlphaDPOOutput:
+        """See :func:`fused_alpha_dpo_loss` for shapes; the margin state comes from this module's buffers."""
+        out = fused_alpha_dpo_loss(
+            hidden, weight, labels, margin_mean=self.margin_mean, margin_std=self.margin_std, bias=bias,
+            ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps, ref_hidden=ref_hidden,
+            ref_weight=ref_weight, ref_bias=ref_bias, beta=self.beta, gamma_beta_ratio=self.gamma_beta_ratio,
+            alpha=self.alpha, loss_type=self.loss_type, ema_momentum=self.ema_momentum,
+            update_stats=self.training, ignore_index=self.ignore_index, softcap=self.softcap,
+            average_log_prob=self.average_log_prob, shift=self.shift, label_smoothing=self.label_smoothing,
+            std_eps=self.std_eps, backend=backend, check_values=self.check_values, options=self.options)
+        if self.training and out.margin_mean is not None:
+            with torch.no_grad():
+                self.margin_mean.copy_(out.margin_mean)
+                self.margin_std.copy_(out.margin_std)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"loss_type={self.loss_type!r}, beta={self.beta}, gamma_beta_ratio={self.gamma_beta_ratio}, "
+                f"alpha={self.alpha}, ema_momentum={self.ema_momentum}, softcap={self.softcap}")

@@ -1,0 +1,130 @@
+"""``fused_sequence_logps``: per-sequence (length-normalised) log-probs from hidden states and an LM head,
+without ever materialising ``rows × T × V`` logits. See ``naive.py`` for the math in plain torch."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Literal
+
+import torch
+
+from ..._validation import check_sequence_inputs
+from .naive import reference_sequence_logps, shift_labels
+from .options import LogpsOptions
+
+Backend = Literal["auto", "triton", "torch"]
+
+__all__ = ["fused_sequence_logps", "reference_sequence_logps", "LogpsOptions", "resolve_backend"]
+
+
+def triton_available() -> bool:
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto`` is Triton for CUDA tensors (when Triton imports) and torch otherwise."""
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be one of 'auto', 'triton', 'torch', got {backend!r}")
+    if backend == "triton" and not triton_available():
+        raise ValueError("backend='triton' needs the triton package (pip install triton); use backend='torch'")
+    return backend
+
+
+def _backend_module(name: str):
+    if name == "triton":
+        from . import triton_backward, triton_forward
+
+        return triton_forward.forward, triton_backward.backward
+    from . import torch_chunked
+
+    return torch_chunked.forward, torch_chunked.backward
+
+
+class _SequenceLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, average: bool, backend: str, opts: LogpsOptions):
+        rows, seq, hdim = hidden.shape
+        hidden2d = hidden.reshape(rows * seq, hdim)  # a view for the usual contiguous [rows, T, H]
+        fwd, _ = _backend_module(backend)
+        flat_targets = targets.reshape(-1)
+        token_logps, lse = fwd(hidden2d, weight, bias, flat_targets, opts)
+        live = targets >= 0
+        denom = live.sum(1).to(torch.float32) if average else torch.ones(rows, device=hidden.device)
+        logps = torch.where(live, token_logps.view(rows, seq), 0.0).sum(1) / denom
+        ctx.save_for_backward(hidden2d, weight, bias, flat_targets, lse, denom)
+        ctx.meta = (rows, seq, backend, opts)
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden2d, weight, bias, flat_targets, lse, denom = ctx.saved_tensors
+        rows, seq, backend, opts = ctx.meta
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_db = bias is not None and ctx.needs_input_grad[2]
+        if not (need_dh or need_dw or need_db):
+            return None, None, None, None, None, None, None
+        g_row = grad_logps.float() / denom
+        live = flat_targets.view(rows, seq) >= 0
+        g_tok = torch.where(live, g_row[:, None], 0.0).reshape(-1)
+        _, bwd = _backend_module(backend)
+        dh, dw, db = bwd(hidden2d, weight, bias, flat_targets, lse, g_tok, opts, need_dh, need_dw, need_db)
+        dh = dh.view(rows, seq, -1) if dh is not None else None
+        db = db.to(bias.dtype) if db is not None else None
+        return dh, dw, db, None, None, None, None
+
+
+def fused_sequence_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    average: bool = True,
+    softcap: float | None = None,
+    shift: bool = False,
+    backend: Backend = "auto",
+    check_values: bool = True,
+    options: LogpsOptions | None = None,
+) -> torch.Tensor:
+    """Per-row log-probability of the labelled tokens, fused with the LM head.
+
+    ``logp[r] = mean_t log softmax(h[r, t] · Wᵀ + b)[labels[r, t]]`` over the tokens whose label is not
+    ``ignore_index`` (the sum instead of the mean when ``average=False``), with logits soft-capped as
+    ``c · tanh(z / c)`` when ``softcap = c`` (Gemma-2). Differentiable in ``hidden``, ``weight`` and ``bias``;
+    a tensor that does not require grad costs no backward work.
+
+    Args:
+        hidden: ``[rows, T, H]`` float32 / bfloat16 / float16 last hidden states.
+        weight: ``[V, H]`` LM-head weight, same dtype and device as ``hidden``.
+        labels: ``[rows, T]`` integer target ids in ``[0, V)`` or ``ignore_index``.
+        bias: optional ``[V]`` LM-head bias.
+        shift: if True, the logit at position ``t`` scores ``labels[:, t + 1]`` (the usual causal-LM
+            shift, as the released trainer does); hidden is not copied.
+        backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (chunked, any device)
+            or ``"auto"`` (Triton on CUDA, torch otherwise).
+        check_values: check label range and that every row has a live label (costs a host sync).
+        options: block sizes and the torch backend's memory budget (:class:`LogpsOptions`).
+
+    Returns:
+        ``[rows]`` float32 log-probs.
+    """
+    check_sequence_inputs(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift,
+                          softcap=softcap, check_values=check_values)
+    if hidden.dtype == torch.float64:
+        raise TypeError("hidden must be float32, bfloat16 or float16 for the fused op; float64 is for "
+                        "reference_sequence_logps")
+    backend = resolve_backend(backend, hidden.device)
+    opts = options or LogpsOptions()
+    if opts.softcap != softcap:
+        opts = LogpsOptions(**{**opts.__dict__, "softcap": softcap})
+    if shift:
+        labels = shift_labels(labels, ignore_index)
+    targets = torch.where(labels == ignore_index, -1, labels.long())
+    return _SequenceLogps.apply(hidden, weight, bias, targets, average, backend, opts)

@@ -1,0 +1,41 @@
+"""Non-tensor options of the sequence log-prob op, carried through autograd as one frozen dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LogpsOptions:
+    """Options shared by every backend.
+
+    ``block_*`` size the Triton tiles (powers of two, at least 16); ``memory_budget_mb`` bounds the
+    temporaries of the torch backend (logits chunk, upcast weight chunk); ``chunk_tokens`` /
+    ``chunk_vocab`` override the chunk sizes it derives from the budget.
+    """
+
+    softcap: float | None = None
+    fwd_block_m: int = 64
+    fwd_block_n: int = 128
+    fwd_block_k: int = 64
+    bwd_block_m: int = 64
+    bwd_block_n: int = 128
+    bwd_block_k: int = 64
+    group_m: int = 8
+    num_warps: int = 8
+    num_stages: int = 3
+    memory_budget_mb: float = 256.0
+    chunk_tokens: int | None = None
+    chunk_vocab: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("fwd_block_m", "fwd_block_n", "fwd_block_k", "bwd_block_m", "bwd_block_n", "bwd_block_k"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {v}")
+        for name in ("chunk_tokens", "chunk_vocab"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be a positive integer or None, got {v}")
+        if not self.memory_budget_mb > 0:
+            raise ValueError(f"memory_budget_mb must be positive, got {self.memory_budget_mb}")

@@ -1,0 +1,112 @@
+"""Backward kernel: recompute each logit tile, form dz on the fly, fold it into dH, dW and dbias.
+
+The grid is (token blocks × vocabulary tiles), visited in L2-friendly groups of ``GROUP_M`` token blocks.
+Program (m, n) recomputes the float32 logit tile ``z`` from the saved per-token ``lse`` and forms
+
+    dz = g_tok · (onehot(y) − exp(z − lse))          (× (1 − tanh²(z/c)) with a soft-cap)
+
+in registers, then for each ``BLOCK_K`` slice of H adds ``dz · W[n, k]`` into ``dH[m, k]`` and
+``dzᵀ · H[m, k]`` into ``dW[n, k]``. Both targets are float32 buffers updated with atomic adds (no locks);
+the caller casts them to the input dtype. ``dz`` is rounded to the input dtype before the two products,
+as a bf16 GEMM would see it. Token blocks whose upstream gradient is all zero (prompt, padding) return
+at once, and the work for a gradient that is not needed (frozen head, frozen hidden) is compiled out.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .options import LogpsOptions
+from .triton_common import check_triton_device, dot, dot_flags, logit_tile
+
+
+@triton.jit
+def _sequence_logps_bwd_kernel(
+    h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
+    N, V, H, stride_hn, stride_hk, stride_wv, stride_wk, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    # Grouped ordering: GROUP_M token blocks sweep the vocabulary together, so each W tile is read from
+    # L2 by several programs in a row.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(N, BLOCK_M)
+    num_n = tl.cdiv(V, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
+    pid_n = (pid % (GROUP_M * num_n)) // group_size
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < N
+    g = tl.load(g_ptr + offs_m, mask=row_ok, other=0.0)
+    if tl.max(tl.abs(g), axis=0) == 0.0:  # no gradient reaches these tokens
+        return
+    tgt = tl.load(tgt_ptr + offs_m, mask=row_ok, other=-1)
+    lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < V
+
+    z = logit_tile(h_ptr, w_ptr, b_ptr, offs_m, row_ok, offs_n, col_ok, H,
+                   stride_hn, stride_hk, stride_wv, stride_wk, softcap,
+                   HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
+    p = tl.exp(z - lse[:, None])  # 0 in columns past V (z = -inf)
+    onehot = (offs_n[None, :] == tgt[:, None]).to(tl.float32)
+    dz = g[:, None] * (onehot - p)
+    if HAS_SOFTCAP:
+        zc = tl.where(col_ok[None, :], z / softcap, 0.0)
+        dz = dz * (1.0 - zc * zc)
+    dz = tl.where(row_ok[:, None] & col_ok[None, :], dz, 0.0)
+    if NEED_DB:
+        tl.atomic_add(db_ptr + offs_n, tl.sum(dz, axis=0), mask=col_ok)
+    dz_in = dz.to(h_ptr.dtype.element_ty)
+    for k0 in range(0, H, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < H
+        if NEED_DH:
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wv + offs_k[None, :] * stride_wk,
+                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            dh = dot(dz_in, w, tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32), DOT_PRECISION, UPCAST_DOT)
+            tl.atomic_add(dh_ptr + offs_m[:, None] * H + offs_k[None, :], dh,
+                          mask=row_ok[:, None] & k_ok[None, :])
+        if NEED_DW:
+            h = tl.load(h_ptr + offs_m[:, None] * stride_hn + offs_k[None, :] * stride_hk,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            dw = dot(tl.trans(dz_in), h, tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32), DOT_PRECISION, UPCAST_DOT)
+            tl.atomic_add(dw_ptr + offs_n[:, None] * H + offs_k[None, :], dw,
+                          mask=col_ok[:, None] & k_ok[None, :])
+
+
+def backward(hidden2d, weight, bias, targets, lse, g, opts: LogpsOptions, need_dh, need_dw, need_db):
+    """Returns ``(dH [N, H] in hidden's dtype, dW [V, H] in weight's dtype, db [V] float32)``, None where
+    not needed."""
+    check_triton_device(hidden2d)
+    n_tok, hdim = hidden2d.shape
+    vocab = weight.shape[0]
+    dev = hidden2d.device
+    dh = torch.zeros(n_tok, hdim, dtype=torch.float32, device=dev) if need_dh else None
+    dw = torch.zeros(vocab, hdim, dtype=torch.float32, device=dev) if need_dw else None
+    db = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_db else None
+    dummy = lse
+    grid = (triton.cdiv(n_tok, opts.bwd_block_m) * triton.cdiv(vocab, opts.bwd_block_n),)
+    _sequence_logps_bwd_kernel[grid](
+        hidden2d, weight, bias if bias is not None else weight, targets, lse, g.float().contiguous(),
+        dh if need_dh else dummy, dw if need_dw else dummy, db if need_db else dummy,
+        n_tok, vocab, hdim, hidden2d.stride(0), hidden2d.stride(1), weight.stride(0), weight.stride(1),
+        float(opts.softcap or 1.0),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None,
+        NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
+        BLOCK_M=opts.bwd_block_m, BLOCK_N=opts.bwd_block_n, BLOCK_K=opts.bwd_block_k, GROUP_M=opts.group_m,
+        **dot_flags(hidden2d.dtype, hidden2d.device),
+        num_warps=opts.num_warps, num_stages=opts.num_stages,
+    )
+    return (
+        dh.to(hidden2d.dtype) if need_dh else None,
+        dw.to(weight.dtype) if need_dw else None,
+        db,
+    )

@@ -1,0 +1,73 @@
+"""Pieces shared by the Triton forward and backward kernels."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_triton_device(t: torch.Tensor) -> None:
+    if not t.is_cuda and not interpreting():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got device {t.device}); on CPU use backend='torch' or "
+            "'auto', or set TRITON_INTERPRET=1 before importing triton to run the kernels in the interpreter"
+        )
+
+
+def dot_flags(dtype: torch.dtype, device: torch.device) -> dict:
+    """fp32 inputs use IEEE dots (no TF32) so that exactness holds; the interpreter's native bf16 dot is
+    wrong, so there bf16/fp16 tiles are upcast to fp32 first, which is exact since their products are."""
+    return {
+        "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        "UPCAST_DOT": device.type != "cuda",
+    }
+
+
+@triton.jit
+def dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def tanh(x):
+    # exp form: portable to the interpreter and every backend; exact to fp32 rounding of the exp.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def logit_tile(
+    h_ptr, w_ptr, b_ptr, offs_m, row_ok, offs_n, col_ok, H, stride_hn, stride_hk, stride_wv, stride_wk, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """float32 ``[BLOCK_M, BLOCK_N]`` tile of (soft-capped) logits; ``-inf`` in columns past V.
+
+    ``offs_m`` / ``offs_n`` are int64 so that ``row × stride`` cannot overflow at long context.
+    """
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < H
+        h = tl.load(h_ptr + offs_m[:, None] * stride_hn + offs_k[None, :] * stride_hk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wv + offs_k[None, :] * stride_wk,
+                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = dot(h, tl.trans(w), acc, DOT_PRECISION, UPCAST_DOT)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        acc = softcap * tanh(acc / softcap)
+    return tl.where(col_ok[None, :], acc, float("-inf"))
