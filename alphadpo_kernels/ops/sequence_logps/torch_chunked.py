@@ -9,8 +9,9 @@ The loops run vocabulary-outer so that each ``dW`` chunk is accumulated in float
 written once in the weight's dtype: the only full-size float32 buffer is ``dH`` for the live tokens.
 
 Backend contract (shared with the Triton backend): ``targets`` is ``[N]`` int64 with ``-1`` for dead
-tokens; ``forward`` returns float32 ``(token_logps [N], lse [N])``, zero at dead tokens;
-``backward`` takes the per-token upstream gradient ``g [N]`` (zero at dead tokens).
+tokens; ``forward`` returns float32 ``(token_logps [N], lse [N])`` whose dead-token entries are
+unspecified (the caller masks them); ``backward`` takes the per-token upstream gradient ``g [N]`` (zero at
+dead tokens) and returns ``dH`` with zero rows at dead tokens, whatever their hidden states hold.
 """
 
 from __future__ import annotations

@@ -48,11 +48,14 @@ def _sequence_logps_bwd_kernel(
     if tl.max(tl.abs(g), axis=0) == 0.0:  # no gradient reaches these tokens
         return
     tgt = tl.load(tgt_ptr + offs_m, mask=row_ok, other=-1)
-    lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0)
+    # Dead rows of a live block (prompt, padding) are treated as absent: never read, so garbage hidden
+    # states there (NaN, inf) cannot reach dz, dH or dW.
+    live = row_ok & (tgt >= 0)
+    lse = tl.load(lse_ptr + offs_m, mask=live, other=0.0)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < V
 
-    z = logit_tile(h_ptr, w_ptr, b_ptr, offs_m, row_ok, offs_n, col_ok, H,
+    z = logit_tile(h_ptr, w_ptr, b_ptr, offs_m, live, offs_n, col_ok, H,
                    stride_hn, stride_hk, stride_wv, stride_wk, softcap,
                    HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
     p = tl.exp(z - lse[:, None])  # 0 in columns past V (z = -inf)
@@ -61,7 +64,7 @@ def _sequence_logps_bwd_kernel(
     if HAS_SOFTCAP:
         zc = tl.where(col_ok[None, :], z / softcap, 0.0)
         dz = dz * (1.0 - zc * zc)
-    dz = tl.where(row_ok[:, None] & col_ok[None, :], dz, 0.0)
+    dz = tl.where(live[:, None] & col_ok[None, :], dz, 0.0)
     if NEED_DB:
         tl.atomic_add(db_ptr + offs_n, tl.sum(dz, axis=0), mask=col_ok)
     dz_in = dz.to(h_ptr.dtype.element_ty)
@@ -76,7 +79,7 @@ def _sequence_logps_bwd_kernel(
                           mask=row_ok[:, None] & k_ok[None, :])
         if NEED_DW:
             h = tl.load(h_ptr + offs_m[:, None] * stride_hn + offs_k[None, :] * stride_hk,
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                        mask=live[:, None] & k_ok[None, :], other=0.0)
             dw = dot(tl.trans(dz_in), h, tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32), DOT_PRECISION, UPCAST_DOT)
             tl.atomic_add(dw_ptr + offs_n[:, None] * H + offs_k[None, :], dw,
                           mask=col_ok[:, None] & k_ok[None, :])

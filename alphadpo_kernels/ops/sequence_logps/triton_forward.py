@@ -32,13 +32,14 @@ def _sequence_logps_fwd_kernel(
     tgt = tl.load(tgt_ptr + offs_m, mask=row_ok, other=-1)
     if tl.max(tgt, axis=0) < 0:  # no live token in this block
         return
+    live = row_ok & (tgt >= 0)  # dead rows are never read: garbage there cannot leak into a live row
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     t_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for v0 in range(0, V, BLOCK_N):
         offs_n = v0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = offs_n < V
-        z = logit_tile(h_ptr, w_ptr, b_ptr, offs_m, row_ok, offs_n, col_ok, H,
+        z = logit_tile(h_ptr, w_ptr, b_ptr, offs_m, live, offs_n, col_ok, H,
                        stride_hn, stride_hk, stride_wv, stride_wk, softcap,
                        HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
@@ -46,19 +47,22 @@ def _sequence_logps_fwd_kernel(
         m_i = m_new
         t_i += tl.sum(tl.where(offs_n[None, :] == tgt[:, None], z, 0.0), axis=1)
     lse = m_i + tl.log(s_i)
-    live = row_ok & (tgt >= 0)
     tl.store(lse_ptr + offs_m, lse, mask=live)
     tl.store(logp_ptr + offs_m, t_i - lse, mask=live)
 
 
 def forward(hidden2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-            opts: LogpsOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns float32 ``(token_logps [N], lse [N])``, zero at dead tokens."""
+            opts: LogpsOptions, *, lse: torch.Tensor | None = None, token_logps: torch.Tensor | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns float32 ``(token_logps [N], lse [N])``; entries of dead tokens are left unwritten (the caller
+    masks them). ``lse`` / ``token_logps`` may be given as output buffers."""
     check_triton_device(hidden2d)
     n_tok, hdim = hidden2d.shape
     vocab = weight.shape[0]
-    lse = torch.zeros(n_tok, dtype=torch.float32, device=hidden2d.device)
-    token_logps = torch.zeros(n_tok, dtype=torch.float32, device=hidden2d.device)
+    if lse is None:
+        lse = torch.empty(n_tok, dtype=torch.float32, device=hidden2d.device)
+    if token_logps is None:
+        token_logps = torch.empty(n_tok, dtype=torch.float32, device=hidden2d.device)
     grid = (triton.cdiv(n_tok, opts.fwd_block_m),)
     _sequence_logps_fwd_kernel[grid](
         hidden2d, weight, bias if bias is not None else weight, targets, lse, token_logps,
