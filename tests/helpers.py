@@ -11,7 +11,7 @@ from alphadpo_kernels import LogpsOptions
 # Small tiles so that the odd test shapes exercise every tail: V = 123 is not a multiple of 32, H = 40 not of 16.
 SMALL_BLOCKS = LogpsOptions(fwd_block_m=16, fwd_block_n=32, fwd_block_k=16,
                             bwd_block_m=16, bwd_block_n=32, bwd_block_k=16, group_m=2,
-                            chunk_tokens=7, chunk_vocab=50)
+                            chunk_tokens=7, chunk_vocab=50, bwd_vocab_chunk=64)
 
 
 def make_inputs(rows=4, seq=23, hdim=40, vocab=123, dtype=torch.float32, *, bias=False, seed=0,

@@ -24,18 +24,30 @@ class LogpsOptions:
     group_m: int = 8
     num_warps: int = 8
     num_stages: int = 3
-    memory_budget_mb: float = 256.0
+    memory_budget_mb: float | None = None
     chunk_tokens: int | None = None
     chunk_vocab: int | None = None
+    bwd_vocab_chunk: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("fwd_block_m", "fwd_block_n", "fwd_block_k", "bwd_block_m", "bwd_block_n", "bwd_block_k"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {v}")
-        for name in ("chunk_tokens", "chunk_vocab"):
+        for name in ("chunk_tokens", "chunk_vocab", "bwd_vocab_chunk"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be a positive integer or None, got {v}")
-        if not self.memory_budget_mb > 0:
+        if self.memory_budget_mb is not None and not self.memory_budget_mb > 0:
             raise ValueError(f"memory_budget_mb must be positive, got {self.memory_budget_mb}")
+
+    def torch_budget_bytes(self, vocab: int, hdim: int) -> int:
+        if self.memory_budget_mb is not None:
+            return int(self.memory_budget_mb * 2**20)
+        return max(16 * 2**20, vocab * hdim * 4 // 8)
+
+    def bwd_vocab_rows(self, vocab: int, hdim: int) -> int:
+        """Rows per backward launch, a multiple of ``bwd_block_n``."""
+        rows = self.bwd_vocab_chunk or max(64 * 2**20 // (4 * hdim), vocab // 8)
+        rows = -(-rows // self.bwd_block_n) * self.bwd_block_n
+        return min(rows, -(-vocab // self.bwd_block_n) * self.bwd_block_n)

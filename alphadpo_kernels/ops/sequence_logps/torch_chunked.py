@@ -6,7 +6,8 @@ into ``dz = g · (onehot − softmax)`` (times the soft-cap derivative) and fold
 at once. Only live tokens (label != ignore_index) are visited, which skips prompts and padding.
 
 The loops run vocabulary-outer so that each ``dW`` chunk is accumulated in float32 over every token and
-written once in the weight's dtype: the only full-size float32 buffer is ``dH`` for the live tokens.
+written once in the weight's dtype; ``dH`` is accumulated in one float32 ``[N, H]`` buffer (returned as is
+for float32 inputs, cast once otherwise).
 
 Backend contract (shared with the Triton backend): ``targets`` is ``[N]`` int64 with ``-1`` for dead
 tokens; ``forward`` returns float32 ``(token_logps [N], lse [N])`` whose dead-token entries are
@@ -22,7 +23,7 @@ from .options import LogpsOptions
 
 
 def _chunk_sizes(n_live: int, vocab: int, hdim: int, opts: LogpsOptions) -> tuple[int, int]:
-    budget = opts.memory_budget_mb * 2**20
+    budget = opts.torch_budget_bytes(vocab, hdim)
     vc = opts.chunk_vocab or max(128, int(budget / 2 / (4 * hdim)))
     vc = min(vc, vocab)
     # z, p/dz and one temporary per element of the logit block, all float32.
@@ -80,7 +81,7 @@ def backward(hidden2d, weight, bias, targets, lse, g, opts: LogpsOptions, need_d
     tgt = targets.index_select(0, live_idx)
     g_live = g.index_select(0, live_idx).float()
     lse_live = lse.index_select(0, live_idx)
-    dh_live = torch.zeros(n_live, hdim, device=hidden2d.device) if need_dh else None
+    dh = torch.zeros(n_tok, hdim, device=hidden2d.device) if need_dh else None
     dw = torch.empty_like(weight) if need_dw else None
     db = torch.empty(vocab, device=weight.device) if need_db else None
     tc, vc = _chunk_sizes(n_live, vocab, hdim, opts)
@@ -92,7 +93,8 @@ def backward(hidden2d, weight, bias, targets, lse, g, opts: LogpsOptions, need_d
         dbc = torch.zeros(ve - vs, device=weight.device) if need_db else None
         for ts in range(0, n_live, tc):
             te = min(ts + tc, n_live)
-            hc = hidden2d.index_select(0, live_idx[ts:te]).float()
+            idx = live_idx[ts:te]
+            hc = hidden2d.index_select(0, idx).float()
             z = _logit_block(hc, wc, bc, opts.softcap)
             gc = g_live[ts:te]
             dz = torch.exp(z - lse_live[ts:te, None]).mul_(-gc[:, None])
@@ -103,7 +105,7 @@ def backward(hidden2d, weight, bias, targets, lse, g, opts: LogpsOptions, need_d
             if opts.softcap is not None:
                 dz.mul_(1.0 - (z / opts.softcap) ** 2)
             if need_dh:
-                dh_live[ts:te] += dz @ wc
+                dh.index_add_(0, idx, dz @ wc)
             if need_dw:
                 dwc += dz.T @ hc
             if need_db:
@@ -112,8 +114,6 @@ def backward(hidden2d, weight, bias, targets, lse, g, opts: LogpsOptions, need_d
             dw[vs:ve] = dwc.to(weight.dtype)
         if need_db:
             db[vs:ve] = dbc
-    dh = None
-    if need_dh:
-        dh = torch.zeros_like(hidden2d)
-        dh.index_copy_(0, live_idx, dh_live.to(hidden2d.dtype))
+    if need_dh and dh.dtype != hidden2d.dtype:
+        dh = dh.to(hidden2d.dtype)
     return dh, dw, db

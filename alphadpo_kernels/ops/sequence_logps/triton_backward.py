@@ -1,6 +1,9 @@
 """Backward kernel: recompute each logit tile, form dz on the fly, fold it into dH, dW and dbias.
 
-The grid is (token blocks × vocabulary tiles), visited in L2-friendly groups of ``GROUP_M`` token blocks.
+The launcher walks the vocabulary in chunks of ``bwd_vocab_chunk`` rows, one launch each, so that the
+float32 ``dW`` accumulator is one chunk, cast into the weight's dtype before the next launch; ``dH`` is
+one float32 ``[N, H]`` buffer across launches. Within a launch the grid is (token blocks × vocabulary
+tiles), visited in L2-friendly groups of ``GROUP_M`` token blocks.
 Program (m, n) recomputes the float32 logit tile ``z`` from the saved per-token ``lse`` and forms
 
     dz = g_tok · (onehot(y) − exp(z − lse))          (× (1 − tanh²(z/c)) with a soft-cap)
@@ -25,7 +28,7 @@ from .triton_common import check_triton_device, dot, dot_flags, logit_tile
 @triton.jit
 def _sequence_logps_bwd_kernel(
     h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
-    N, V, H, stride_hn, stride_hk, stride_wv, stride_wk, softcap,
+    N, V, V_OFFSET, H, stride_hn, stride_hk, stride_wv, stride_wk, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -59,7 +62,7 @@ def _sequence_logps_bwd_kernel(
                    stride_hn, stride_hk, stride_wv, stride_wk, softcap,
                    HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
     p = tl.exp(z - lse[:, None])  # 0 in columns past V (z = -inf)
-    onehot = (offs_n[None, :] == tgt[:, None]).to(tl.float32)
+    onehot = ((offs_n + V_OFFSET)[None, :] == tgt[:, None]).to(tl.float32)
     dz = g[:, None] * (onehot - p)
     if HAS_SOFTCAP:
         zc = tl.where(col_ok[None, :], z / softcap, 0.0)
@@ -92,24 +95,32 @@ def backward(hidden2d, weight, bias, targets, lse, g, opts: LogpsOptions, need_d
     n_tok, hdim = hidden2d.shape
     vocab = weight.shape[0]
     dev = hidden2d.device
+    g = g.float().contiguous()
     dh = torch.zeros(n_tok, hdim, dtype=torch.float32, device=dev) if need_dh else None
-    dw = torch.zeros(vocab, hdim, dtype=torch.float32, device=dev) if need_dw else None
+    dw = torch.empty_like(weight) if need_dw else None
     db = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_db else None
-    dummy = lse
-    grid = (triton.cdiv(n_tok, opts.bwd_block_m) * triton.cdiv(vocab, opts.bwd_block_n),)
-    _sequence_logps_bwd_kernel[grid](
-        hidden2d, weight, bias if bias is not None else weight, targets, lse, g.float().contiguous(),
-        dh if need_dh else dummy, dw if need_dw else dummy, db if need_db else dummy,
-        n_tok, vocab, hdim, hidden2d.stride(0), hidden2d.stride(1), weight.stride(0), weight.stride(1),
-        float(opts.softcap or 1.0),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None,
-        NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
-        BLOCK_M=opts.bwd_block_m, BLOCK_N=opts.bwd_block_n, BLOCK_K=opts.bwd_block_k, GROUP_M=opts.group_m,
-        **dot_flags(hidden2d.dtype, hidden2d.device),
-        num_warps=opts.num_warps, num_stages=opts.num_stages,
-    )
-    return (
-        dh.to(hidden2d.dtype) if need_dh else None,
-        dw.to(weight.dtype) if need_dw else None,
-        db,
-    )
+    chunk = opts.bwd_vocab_rows(vocab, hdim)
+    dw_acc = torch.empty(min(chunk, vocab), hdim, dtype=torch.float32, device=dev) if need_dw else None
+    flags = dot_flags(hidden2d.dtype, dev)
+    for vs in range(0, vocab, chunk):
+        ve = min(vs + chunk, vocab)
+        w_c = weight[vs:ve]
+        if need_dw:
+            acc = dw_acc[: ve - vs]
+            acc.zero_()
+        grid = (triton.cdiv(n_tok, opts.bwd_block_m) * triton.cdiv(ve - vs, opts.bwd_block_n),)
+        _sequence_logps_bwd_kernel[grid](
+            hidden2d, w_c, bias[vs:ve] if bias is not None else w_c, targets, lse, g,
+            dh if need_dh else lse, acc if need_dw else lse, db[vs:ve] if need_db else lse,
+            n_tok, ve - vs, vs, hdim, hidden2d.stride(0), hidden2d.stride(1), weight.stride(0), weight.stride(1),
+            float(opts.softcap or 1.0),
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None,
+            NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
+            BLOCK_M=opts.bwd_block_m, BLOCK_N=opts.bwd_block_n, BLOCK_K=opts.bwd_block_k, GROUP_M=opts.group_m,
+            **flags, num_warps=opts.num_warps, num_stages=opts.num_stages,
+        )
+        if need_dw:
+            dw[vs:ve].copy_(acc)
+    if need_dh and dh.dtype != hidden2d.dtype:
+        dh = dh.to(hidden2d.dtype)
+    return dh, dw, db
