@@ -1,0 +1,115 @@
+"""Training configuration: a YAML file and/or command-line flags, defaults from the released α-DPO runs
+(Llama-3-8B-Instruct: β = 2.5, γ/β = 0.6, α = 0.2, lr 1e-6, batch 128, max_length 2048 / 1800)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    # model and data
+    model_name_or_path: str | None = None
+    ref_model_name_or_path: str | None = None  # default: the policy's starting weights
+    tokenizer_name_or_path: str | None = None  # default: the model's
+    train_file: str | None = None  # JSONL / JSON / a datasets folder with prompt, chosen, rejected
+    eval_file: str | None = None
+    eval_fraction: float = 0.0  # hold out this share of train_file when eval_file is not given
+    output_dir: str = "alphadpo-output"
+    # loss (names as in the released trainer)
+    loss_type: str = "alpha_dpo"
+    beta: float = 2.5
+    gamma_beta_ratio: float = 0.6
+    alpha: float = 0.2
+    ema_momentum: float = 0.9
+    label_smoothing: float = 0.0
+    average_log_prob: bool = True
+    reference_mode: str = "precompute"  # precompute (cached on disk) | online
+    # tokenization (released: keep the end of the prompt, then cut the response)
+    max_length: int = 2048
+    max_prompt_length: int = 1800
+    # optimisation
+    per_device_train_batch_size: int = 2
+    per_device_eval_batch_size: int = 4
+    gradient_accumulation_steps: int = 16
+    learning_rate: float = 1e-6
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    warmup_ratio: float = 0.1
+    num_train_epochs: float = 1.0
+    max_steps: int = -1  # optimiser steps; overrides num_train_epochs when > 0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "bf16"  # no | bf16 | fp16
+    gradient_checkpointing: bool = False
+    backend: str = "auto"
+    # bookkeeping
+    logging_steps: int = 10
+    eval_steps: int = 100
+    save_steps: int = 500
+    save_total_limit: int = 2
+    seed: int = 42
+    resume: str | None = None  # a checkpoint folder, or "latest" in output_dir
+    demo: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> "TrainConfig":
+        if self.reference_mode not in ("precompute", "online"):
+            raise ValueError(f"reference_mode must be 'precompute' or 'online', got {self.reference_mode!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})")
+        if not self.demo and (self.model_name_or_path is None or self.train_file is None):
+            raise ValueError("model_name_or_path and train_file are required (or pass --demo)")
+        return self
+
+
+def _flag_type(f: dataclasses.Field):
+    t = str(f.type)
+    if "bool" in t:
+        return lambda s: s.lower() in ("1", "true", "yes", "on")
+    if "int" in t:
+        return int
+    if "float" in t:
+        return float
+    return str
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """``alphadpo-train [CONFIG.yaml] [--field value ...]``: flags override the YAML file."""
+    parser = argparse.ArgumentParser(prog="alphadpo-train", description="α-DPO training with fused kernels")
+    parser.add_argument("config", nargs="?", help="YAML file with TrainConfig fields")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "demo":
+            parser.add_argument(flag, action="store_true", help="train the embedded demo (no downloads, CPU)")
+        else:
+            parser.add_argument(flag, type=_flag_type(f), default=None, dest=f.name)
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    if args.config:
+        import yaml
+
+        with open(args.config) as fh:
+            loaded = yaml.safe_load(fh) or {}
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = set(loaded) - known
+        if unknown:
+            raise ValueError(f"unknown keys in {args.config}: {sorted(unknown)}")
+        values.update(loaded)
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None and not (f.name == "demo" and v is False):
+            values[f.name] = v
+    cfg = TrainConfig(**values)
+    if cfg.demo:
+        from .demo import demo_overrides
+
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in demo_overrides().items() if k not in values or k == "demo"})
+    return cfg.validate()

@@ -1,0 +1,170 @@
+"""Preference data: load, apply the chat template, tokenize and truncate like the released trainer, collate.
+
+Each example has ``prompt``, ``chosen`` and ``rejected``, either as strings (used verbatim) or, as in the
+UltraFeedback-style sets of the released runs, ``chosen`` / ``rejected`` as chat-message lists whose last
+message is the assistant's answer. Then, as the released scripts do, the prompt is the chat template of
+the messages before the answer, and each response is the chat template of its answer message alone, so
+the response carries the template's assistant header. A BOS is put in front of the prompt and an EOS after
+each response when missing; when prompt + longer response exceed ``max_length``, the prompt keeps its last
+``max_prompt_length`` tokens, and if that is still too long the responses keep their first
+``max_length − max_prompt_length`` tokens. Prompt tokens are labelled ``-100``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100
+
+
+def load_pairs(path: str) -> list[dict]:
+    """JSONL, JSON (a list, or an object with a ``data`` / ``train`` list) or a ``datasets`` folder."""
+    if os.path.isdir(path):
+        try:
+            import datasets
+        except ImportError as exc:
+            raise ImportError(f"{path} is a folder: reading a datasets folder needs `pip install datasets`") from exc
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        rows = [dict(r) for r in ds]
+    elif path.endswith(".jsonl"):
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    else:
+        with open(path) as f:
+            data = json.load(f)
+        rows = data if isinstance(data, list) else data.get("data") or data.get("train")
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a list of examples or an object with a 'data' list")
+    for i, r in enumerate(rows):
+        missing = {"chosen", "rejected"} - set(r)
+        if missing:
+            raise ValueError(f"{path}: example {i} lacks {sorted(missing)} (needs prompt, chosen, rejected)")
+    return rows
+
+
+def example_texts(example: dict, tokenizer) -> tuple[str, str, str]:
+    chosen, rejected = example["chosen"], example["rejected"]
+    if isinstance(chosen, str):
+        if not isinstance(rejected, str) or not isinstance(example.get("prompt", ""), str):
+            raise ValueError("prompt, chosen and rejected must all be strings or chat-message lists")
+        return example.get("prompt", ""), chosen, rejected
+    if not (isinstance(chosen, list) and isinstance(rejected, list) and chosen and rejected):
+        raise ValueError("chosen and rejected must be strings or non-empty lists of chat messages")
+    prompt_messages = chosen[:-1]
+    if not prompt_messages:
+        p = example.get("prompt")
+        prompt_messages = p if isinstance(p, list) else [{"role": "user", "content": p or ""}]
+    prompt = tokenizer.apply_chat_template(prompt_messages, tokenize=False)
+    texts = []
+    for msgs in (chosen, rejected):
+        text = tokenizer.apply_chat_template(msgs[-1:], tokenize=False)
+        if tokenizer.bos_token and text.startswith(tokenizer.bos_token):
+            text = text[len(tokenizer.bos_token):]
+        texts.append(text)
+    if tokenizer.bos_token and prompt.startswith(tokenizer.bos_token):
+        prompt = prompt[len(tokenizer.bos_token):]
+    return prompt, texts[0], texts[1]
+
+
+def _answer_ids(tokenizer, prompt: str, answer: str, prompt_ids: list[int]) -> tuple[list[int], list[int]]:
+    """Tokenize prompt + answer together and split where the prompt ends (merges across the boundary move
+    the split one token left, as the released trainer does)."""
+    full = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+    start = len(prompt_ids)
+    if full[:start] != prompt_ids:
+        start -= 1
+    return full[:start], full[start:]
+
+
+def tokenize_pair(example: dict, tokenizer, max_length: int, max_prompt_length: int) -> dict:
+    prompt, chosen, rejected = example_texts(example, tokenizer)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c_prompt, c_ans = _answer_ids(tokenizer, prompt, chosen, prompt_ids)
+    r_prompt, r_ans = _answer_ids(tokenizer, prompt, rejected, prompt_ids)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    out = {}
+    answers = []
+    for p_ids, a_ids in ((c_prompt, c_ans), (r_prompt, r_ans)):
+        if bos is not None and (not p_ids or p_ids[0] != bos):
+            p_ids = [bos] + p_ids
+        if eos is not None and (not a_ids or a_ids[-1] != eos):
+            a_ids = a_ids + [eos]
+        answers.append([p_ids, a_ids])
+    longer = max(len(answers[0][1]), len(answers[1][1]))
+    for pa in answers:
+        if len(pa[0]) + longer > max_length:
+            pa[0] = pa[0][-max_prompt_length:]
+    for pa in answers:
+        if len(pa[0]) + longer > max_length:
+            pa[1] = pa[1][: max_length - max_prompt_length]
+    for key, (p_ids, a_ids) in zip(("chosen", "rejected"), answers):
+        out[f"{key}_input_ids"] = p_ids + a_ids
+        out[f"{key}_labels"] = [IGNORE] * len(p_ids) + a_ids
+    return out
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """Tokenized pairs; ``ref`` (``[n, 2]``: chosen, rejected) is attached once reference log-probs exist."""
+
+    def __init__(self, rows: list[dict], tokenizer, max_length: int, max_prompt_length: int):
+        self.items = [tokenize_pair(r, tokenizer, max_length, max_prompt_length) for r in rows]
+        self.ref: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        item = dict(self.items[i], index=i)
+        if self.ref is not None:
+            item["ref"] = self.ref[i]
+        return item
+
+
+@dataclass
+class PreferenceCollator:
+    """Chosen-first ``[2P, T]`` batches: rows ``0..P-1`` chosen, ``P..2P-1`` rejected, right-padded."""
+
+    pad_token_id: int
+
+    def __call__(self, items: list[dict]) -> dict:
+        seqs = [it["chosen_input_ids"] for it in items] + [it["rejected_input_ids"] for it in items]
+        labels = [it["chosen_labels"] for it in items] + [it["rejected_labels"] for it in items]
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
+        label_t = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, (s, lab) in enumerate(zip(seqs, labels)):
+            input_ids[i, : len(s)] = torch.tensor(s)
+            label_t[i, : len(lab)] = torch.tensor(lab)
+            mask[i, : len(s)] = 1
+        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": label_t,
+                 "index": torch.tensor([it["index"] for it in items])}
+        if "ref" in items[0]:
+            ref = torch.stack([it["ref"] for it in items])
+            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref[:, 0], ref[:, 1]
+        return batch
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A fixed permutation per (seed, epoch): the data order needs no RNG state to resume exactly."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())

@@ -1,0 +1,112 @@
+"""Model glue: run the decoder to its last hidden states and hand them, with the LM head's weight, to the
+fused loss. The LM head is never applied to whole sequences.
+
+The fused call runs *inside the head module's own call* (its ``forward`` is swapped for the duration), so
+whatever gathers a sharded head weight around that module's forward (FSDP's unshard, DeepSpeed ZeRO-3's
+parameter fetch) does so around the fused kernels too, and gradients land in the sharded parameter as usual.
+Tied embeddings need nothing special: the head's weight is the embedding's parameter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from ..loss import AlphaDPOOutput, FusedAlphaDPOLoss
+from ..ops.sequence_logps import fused_sequence_logps
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    getter = getattr(model, "get_decoder", None)
+    decoder = getter() if getter is not None else None
+    if decoder is None:
+        decoder = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if decoder is None:
+        raise ValueError(f"cannot find the decoder of {type(model).__name__} (no get_decoder() / base model)")
+    return decoder
+
+
+def head_of(model: nn.Module) -> nn.Module:
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise ValueError(f"{type(model).__name__} has no output embedding (LM head) with a weight")
+    return head
+
+
+def softcap_of(model: nn.Module) -> float | None:
+    """Gemma-2's final logit soft-cap, read from the config (None for models without one)."""
+    return getattr(model.config, "final_logit_softcapping", None) or None
+
+
+def last_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    out = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+@contextlib.contextmanager
+def _head_forward(head: nn.Module, fn):
+    original = head.forward
+    head.forward = fn
+    try:
+        yield
+    finally:
+        head.forward = original
+
+
+def call_through_head(model: nn.Module, fn, *args, **kwargs):
+    """``fn(weight, bias, *args, **kwargs)`` run as the LM head module's forward (see the module docstring)."""
+    head = head_of(model)
+
+    def forward(*a, **kw):
+        return fn(head.weight, getattr(head, "bias", None), *a, **kw)
+
+    with _head_forward(head, forward):
+        return head(*args, **kwargs)
+
+
+class PreferenceModel(nn.Module):
+    """Policy + fused loss as one module, so that DDP / FSDP / DeepSpeed wrap (and checkpoint) both.
+
+    ``forward(batch)`` takes a collated chosen-first batch (``input_ids``, ``attention_mask``, ``labels``
+    ``[2P, T]`` and either ``ref_chosen_logps`` / ``ref_rejected_logps`` ``[P]``, or a reference model given
+    as ``ref_model``) and returns :class:`AlphaDPOOutput`. The loss's margin statistics are buffers of this
+    module, so they are saved with the model's state.
+    """
+
+    def __init__(self, policy: nn.Module, loss_fn: FusedAlphaDPOLoss, backend: str = "auto"):
+        super().__init__()
+        self.policy = policy
+        self.loss_fn = loss_fn
+        self.backend = backend
+        if loss_fn.softcap is None:
+            loss_fn.softcap = softcap_of(policy)
+
+    def forward(self, batch: dict, ref_model: nn.Module | None = None) -> AlphaDPOOutput:
+        ref_kwargs = {}
+        if "ref_chosen_logps" in batch:
+            ref_kwargs = dict(ref_chosen_logps=batch["ref_chosen_logps"], ref_rejected_logps=batch["ref_rejected_logps"])
+        elif ref_model is not None:
+            ref = reference_logps(ref_model, batch, self.loss_fn, backend=self.backend)
+            p = ref.shape[0] // 2
+            ref_kwargs = dict(ref_chosen_logps=ref[:p], ref_rejected_logps=ref[p:])
+        hidden = last_hidden_states(self.policy, batch["input_ids"], batch["attention_mask"])
+
+        def fused(weight, bias, hidden, labels):
+            return self.loss_fn(hidden, weight, labels, bias=bias, backend=self.backend, **ref_kwargs)
+
+        return call_through_head(self.policy, fused, hidden, batch["labels"])
+
+
+@torch.no_grad()
+def reference_logps(ref_model: nn.Module, batch: dict, loss_fn: FusedAlphaDPOLoss, backend: str = "auto") -> torch.Tensor:
+    """``[2P]`` reference log-probs from one no-grad decoder pass and the fused forward kernel."""
+    hidden = last_hidden_states(ref_model, batch["input_ids"], batch["attention_mask"])
+
+    def fused(weight, bias, hidden, labels):
+        return fused_sequence_logps(hidden, weight, labels, bias=bias, ignore_index=loss_fn.ignore_index,
+                                    average=loss_fn.average_log_prob, softcap=softcap_of(ref_model),
+                                    shift=loss_fn.shift, backend=backend, check_values=False)
+
+    return call_through_head(ref_model, fused, hidden, batch["labels"]).float()
