@@ -38,10 +38,10 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
 
-from alphadpo_kernels import fused_alpha_dpo_loss  # noqa: E402
+from alphadpo_kernels import LogpsOptions, fused_alpha_dpo_loss  # noqa: E402
 from alphadpo_kernels.losses import alpha_dpo_head, simpo_head  # noqa: E402
 
-METHODS = ("fused", "fused-torch", "naive", "liger", "cce")
+METHODS = ("fused", "fused-filter", "fused-torch", "naive", "liger", "cce")
 REGIMES = ("uniform", "peaked")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GPU_DEFAULTS = dict(T=[1024, 4096, 16384, 32768], H=4096, V=128256, dtype="bf16")
@@ -103,24 +103,41 @@ class Row:
 def make_inputs(case: Case):
     """Hidden ``[2P, T, H]``, head ``[V, H]``, labels ``[2P, T]`` and fixed reference log-probs.
 
-    ``uniform``: random hidden and a small-init head, a near-uniform softmax (the worst case for skipping
-    tiles). ``peaked``: hidden states pulled towards their label's head row and scaled so that the mean
-    token entropy is about ``TARGET_ENTROPY`` nats, like a trained LM's.
+    ``uniform``: random hidden states and head, uniform labels: a near-uniform softmax, the worst case for
+    skipping tiles. ``peaked``: built like a trained LM's output. The head carries a Zipf log-frequency prior
+    along one hidden direction (logit ``−1.2·log(rank + 1)``: frequent ids on top, the rare tail many nats
+    down), labels are Zipf-distributed, and each hidden state is pulled towards its label's head row, the
+    pull scaled so that the mean token entropy is ``TARGET_ENTROPY`` (3 nats; measured and printed).
     """
     dev, dt = torch.device(case.device), DTYPES[case.dtype]
     gen = torch.Generator(device=dev).manual_seed(case.seed)
     rows = 2 * case.pairs
-    labels = torch.randint(0, case.V, (rows, case.T), generator=gen, device=dev)
     weight = torch.randn(case.V, case.H, generator=gen, device=dev) * (case.H ** -0.5)
-    hidden = torch.randn(rows, case.T, case.H, generator=gen, device=dev)
-    if case.regime == "peaked":
-        scale = _calibrate_peaked(weight, labels, hidden)
-        hidden.add_(weight[labels] * _PULL).mul_(scale)
+    if case.regime == "uniform":
+        labels = torch.randint(0, case.V, (rows, case.T), generator=gen, device=dev)
+        hidden = torch.randn(rows, case.T, case.H, generator=gen, device=dev)
+    else:
+        log_freq = -torch.log(torch.arange(case.V, device=dev, dtype=torch.float32) + 1.0)
+        labels = torch.multinomial(log_freq.exp(), rows * case.T, replacement=True, generator=gen).view(rows, case.T)
+        u = torch.randn(case.H, generator=gen, device=dev)
+        u /= u.norm()
+        weight -= (weight @ u)[:, None] * u[None, :]
+        weight += log_freq[:, None] * u[None, :]
+        free = PULL * weight[labels] + torch.randn(rows, case.T, case.H, generator=gen, device=dev)
+        free -= (free @ u)[..., None] * u
+        scale = _calibrate(lambda c: u * PRIOR_SLOPE + free.reshape(-1, case.H)[_sample(rows * case.T, dev)] * c,
+                           weight)
+        hidden = free.mul_(scale).add_(u * PRIOR_SLOPE)
     ref = -1.5 - torch.rand(rows, generator=gen, device=dev)
     return hidden.to(dt), weight.to(dt), labels, ref[: case.pairs], ref[case.pairs:]
 
 
-_PULL = 6.0  # how far each hidden state leans towards its label's head row, in units of the noise
+PULL = 6.0  # how far each hidden state leans towards its label's head row, in units of the noise
+PRIOR_SLOPE = 1.2  # logit = −PRIOR_SLOPE·log(rank + 1) from the frequency prior
+
+
+def _sample(n, device, k=256):
+    return torch.linspace(0, n - 1, min(k, n), device=device).long()
 
 
 def _entropy(hidden_sample, weight):
@@ -128,25 +145,21 @@ def _entropy(hidden_sample, weight):
     return float(-(logp.exp() * logp).sum(-1).mean())
 
 
-def _calibrate_peaked(weight, labels, hidden, target=TARGET_ENTROPY):
-    """Bisection on a global scale of the hidden states for the target mean entropy (on a token sample)."""
-    flat_h = hidden.reshape(-1, hidden.shape[-1])
-    idx = torch.linspace(0, flat_h.shape[0] - 1, min(256, flat_h.shape[0]), device=hidden.device).long()
-    sample = flat_h[idx] + weight[labels.reshape(-1)[idx]] * _PULL
+def _calibrate(make, weight, target=TARGET_ENTROPY):
+    """Bisection on the pull's scale for the target mean entropy (on a token sample)."""
     lo, hi = 1e-3, 1e2
     for _ in range(40):
         mid = math.sqrt(lo * hi)
-        if _entropy(sample * mid, weight) > target:
+        if _entropy(make(mid), weight) > target:
             lo = mid
         else:
             hi = mid
     return math.sqrt(lo * hi)
 
 
-def token_entropy(hidden, weight, max_tokens=256) -> float:
+def token_entropy(hidden, weight) -> float:
     flat = hidden.reshape(-1, hidden.shape[-1])
-    idx = torch.linspace(0, flat.shape[0] - 1, min(max_tokens, flat.shape[0]), device=flat.device).long()
-    return _entropy(flat[idx], weight)
+    return _entropy(flat[_sample(flat.shape[0], flat.device)], weight)
 
 
 # ----------------------------------------------------------------------------------------------- methods
@@ -168,14 +181,16 @@ def _alpha_dpo(logps, ref_c, ref_r, pairs):
 
 def method_fn(method: str) -> Callable:
     """``fn(hidden, weight, labels, ref_c, ref_r) -> loss`` for a method, or raises ImportError / RuntimeError."""
-    if method in ("fused", "fused-torch"):
-        backend = "triton" if method == "fused" else "torch"
+    if method in ("fused", "fused-filter", "fused-torch"):
+        backend = "torch" if method == "fused-torch" else "triton"
+        # fused-filter: backward tile skipping at the dtype's threshold (opt-in; `fused` is exact)
+        options = LogpsOptions(filter_eps="auto") if method == "fused-filter" else None
 
         def run(hidden, weight, labels, ref_c, ref_r):
             return fused_alpha_dpo_loss(hidden, weight, labels, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
                                         margin_mean=torch.tensor([0.1], device=hidden.device),
                                         margin_std=torch.tensor([0.5], device=hidden.device),
-                                        backend=backend, check_values=False, **HPARAMS).loss
+                                        backend=backend, check_values=False, options=options, **HPARAMS).loss
         return run
     if method == "naive":
         return lambda h, w, y, rc, rr: _alpha_dpo(_naive_logps(h, w, y), rc, rr, h.shape[0] // 2)
@@ -200,7 +215,7 @@ def method_fn(method: str) -> Callable:
 
 def unavailable_reason(method: str, device: str) -> str:
     """Why a method cannot run here ('' when it can)."""
-    if method == "fused" and device != "cuda":
+    if method in ("fused", "fused-filter") and device != "cuda":
         return "Triton kernels need a CUDA device (the CPU interpreter is for tests, not timing)"
     if method == "liger":
         if device != "cuda":

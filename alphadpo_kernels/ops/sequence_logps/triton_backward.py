@@ -13,6 +13,11 @@ in registers, then for each ``BLOCK_K`` slice of H adds ``dz · W[n, k]`` into `
 the caller casts them to the input dtype. ``dz`` is rounded to the input dtype before the two products,
 as a bf16 GEMM would see it. Token blocks whose upstream gradient is all zero (prompt, padding) return
 at once, and the work for a gradient that is not needed (frozen head, frozen hidden) is compiled out.
+
+Tile skipping (``FILTER``, opt-in through ``LogpsOptions.filter_eps``): when every softmax entry of the tile
+is below ``filter_eps`` and no live token's target falls in it, the program stops after the recompute and
+skips the dH / dW / dbias products (two of the backward's three GEMM units for that tile). Each skipped
+entry is below the threshold, but their sum over a long vocabulary tail is not bounded, hence opt-in.
 """
 
 from __future__ import annotations
@@ -27,9 +32,9 @@ from .triton_common import check_triton_device, dot, dot_flags, logit_tile
 
 @triton.jit
 def _sequence_logps_bwd_kernel(
-    h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
-    N, V, V_OFFSET, H, stride_hn, stride_hk, stride_wv, stride_wk, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr, skip_count_ptr,
+    N, V, V_OFFSET, H, stride_hn, stride_hk, stride_wv, stride_wk, softcap, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr, COUNT_SKIPS: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
@@ -62,7 +67,15 @@ def _sequence_logps_bwd_kernel(
                    stride_hn, stride_hk, stride_wv, stride_wk, softcap,
                    HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
     p = tl.exp(z - lse[:, None])  # 0 in columns past V (z = -inf)
-    onehot = ((offs_n + V_OFFSET)[None, :] == tgt[:, None]).to(tl.float32)
+    is_target = (offs_n + V_OFFSET)[None, :] == tgt[:, None]
+    if FILTER:
+        p_max = tl.max(tl.max(tl.where(live[:, None], p, 0.0), axis=1), axis=0)
+        n_targets = tl.sum(tl.sum(is_target.to(tl.int32), axis=1), axis=0)
+        if (p_max < filter_eps) & (n_targets == 0):
+            if COUNT_SKIPS:
+                tl.atomic_add(skip_count_ptr, 1)
+            return
+    onehot = is_target.to(tl.float32)
     dz = g[:, None] * (onehot - p)
     if HAS_SOFTCAP:
         zc = tl.where(col_ok[None, :], z / softcap, 0.0)
@@ -88,9 +101,10 @@ def _sequence_logps_bwd_kernel(
                           mask=col_ok[:, None] & k_ok[None, :])
 
 
-def backward(hidden2d, weight, bias, targets, lse, g, opts: LogpsOptions, need_dh, need_dw, need_db):
+def backward(hidden2d, weight, bias, targets, lse, g, opts: LogpsOptions, need_dh, need_dw, need_db, *,
+             skip_count: torch.Tensor | None = None):
     """Returns ``(dH [N, H] in hidden's dtype, dW [V, H] in weight's dtype, db [V] float32)``, None where
-    not needed."""
+    not needed. ``skip_count`` (an int32 ``[1]`` tensor) counts the tiles skipped by filtering."""
     check_triton_device(hidden2d)
     n_tok, hdim = hidden2d.shape
     vocab = weight.shape[0]
@@ -102,6 +116,7 @@ def backward(hidden2d, weight, bias, targets, lse, g, opts: LogpsOptions, need_d
     chunk = opts.bwd_vocab_rows(vocab, hdim)
     dw_acc = torch.empty(min(chunk, vocab), hdim, dtype=torch.float32, device=dev) if need_dw else None
     flags = dot_flags(hidden2d.dtype, dev)
+    eps = opts.filter_threshold(hidden2d.dtype)
     for vs in range(0, vocab, chunk):
         ve = min(vs + chunk, vocab)
         w_c = weight[vs:ve]
@@ -112,9 +127,11 @@ def backward(hidden2d, weight, bias, targets, lse, g, opts: LogpsOptions, need_d
         _sequence_logps_bwd_kernel[grid](
             hidden2d, w_c, bias[vs:ve] if bias is not None else w_c, targets, lse, g,
             dh if need_dh else lse, acc if need_dw else lse, db[vs:ve] if need_db else lse,
+            skip_count if skip_count is not None else targets,
             n_tok, ve - vs, vs, hdim, hidden2d.stride(0), hidden2d.stride(1), weight.stride(0), weight.stride(1),
-            float(opts.softcap or 1.0),
+            float(opts.softcap or 1.0), float(eps or 0.0),
             HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None,
+            FILTER=eps is not None, COUNT_SKIPS=skip_count is not None,
             NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
             BLOCK_M=opts.bwd_block_m, BLOCK_N=opts.bwd_block_n, BLOCK_K=opts.bwd_block_k, GROUP_M=opts.group_m,
             **flags, num_warps=opts.num_warps, num_stages=opts.num_stages,
