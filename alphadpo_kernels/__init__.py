@@ -16,12 +16,24 @@ __version__ = "0.1.0"
 
 
 def backends() -> dict[str, bool]:
-    """Which backends of ``fused_sequence_logps`` can run here."""
-    from .ops.sequence_logps import triton_available
+    """Which backends of ``fused_sequence_logps`` can run here, and which compiled epilogues were built.
 
+    ``torch`` always; ``triton`` with Triton and a CUDA device; ``cublas`` with the CUDA extension and a CUDA
+    device; ``cpu_epilogue`` / ``cuda_epilogue``: the ``csrc/`` extensions (``pip install`` skips them
+    without a compiler / nvcc)."""
     import torch
 
-    return {"torch": True, "triton": triton_available() and torch.cuda.is_available()}
+    from . import _extension
+    from .ops.sequence_logps import triton_available
+
+    cuda = torch.cuda.is_available()
+    return {
+        "torch": True,
+        "triton": triton_available() and cuda,
+        "cublas": _extension.cuda_module() is not None and cuda,
+        "cpu_epilogue": _extension.cpu_module() is not None,
+        "cuda_epilogue": _extension.cuda_module() is not None,
+    }
 
 
 __all__ = [

@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without install
 from alphadpo_kernels import LogpsOptions, fused_alpha_dpo_loss  # noqa: E402
 from alphadpo_kernels.losses import alpha_dpo_head, simpo_head  # noqa: E402
 
-METHODS = ("fused", "fused-filter", "fused-torch", "naive", "liger", "cce")
+METHODS = ("fused", "fused-filter", "cublas", "fused-torch", "fused-torch-noext", "naive", "liger", "cce")
 REGIMES = ("uniform", "peaked")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GPU_DEFAULTS = dict(T=[1024, 4096, 16384, 32768], H=4096, V=128256, dtype="bf16")
@@ -181,10 +181,12 @@ def _alpha_dpo(logps, ref_c, ref_r, pairs):
 
 def method_fn(method: str) -> Callable:
     """``fn(hidden, weight, labels, ref_c, ref_r) -> loss`` for a method, or raises ImportError / RuntimeError."""
-    if method in ("fused", "fused-filter", "fused-torch"):
-        backend = "torch" if method == "fused-torch" else "triton"
-        # fused-filter: backward tile skipping at the dtype's threshold (opt-in; `fused` is exact)
-        options = LogpsOptions(filter_eps="auto") if method == "fused-filter" else None
+    if method in ("fused", "fused-filter", "cublas", "fused-torch", "fused-torch-noext"):
+        backend = {"fused-torch": "torch", "fused-torch-noext": "torch", "cublas": "cublas"}.get(method, "triton")
+        # fused-filter: backward tile skipping at the dtype's threshold (opt-in; `fused` is exact);
+        # fused-torch-noext: the torch backend without the compiled CPU epilogue, to show what it buys
+        options = {"fused-filter": LogpsOptions(filter_eps="auto"),
+                   "fused-torch-noext": LogpsOptions(use_extension=False)}.get(method)
 
         def run(hidden, weight, labels, ref_c, ref_r):
             return fused_alpha_dpo_loss(hidden, weight, labels, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
@@ -217,6 +219,16 @@ def unavailable_reason(method: str, device: str) -> str:
     """Why a method cannot run here ('' when it can)."""
     if method in ("fused", "fused-filter") and device != "cuda":
         return "Triton kernels need a CUDA device (the CPU interpreter is for tests, not timing)"
+    if method == "cublas":
+        if device != "cuda":
+            return "the cublas backend needs a CUDA device"
+        from alphadpo_kernels import _extension
+
+        return "" if _extension.cuda_module() is not None else "CUDA extension (alphadpo_kernels._C_cuda) not built"
+    if method == "fused-torch-noext":
+        from alphadpo_kernels import _extension
+
+        return "" if _extension.cpu_module() is not None else "no compiled CPU epilogue to compare against"
     if method == "liger":
         if device != "cuda":
             return "Liger-Kernel needs a CUDA device"

@@ -62,6 +62,7 @@ def test_cli_writes_json_and_plot(tmp_path):
                      "--json", str(out_json), "--plot", str(out_png)])
     rows = json.loads(out_json.read_text())
     assert len(rows) == 2 * 2 * 3  # regimes × T × methods
+    assert {r["method"] for r in rows} == {"fused-torch", "naive", "liger"}
     required = {"method", "regime", "T", "N", "H", "V", "dtype", "device", "ms", "gemm_ms", "peak_mem_mb",
                 "floor_mb", "status"}
     for r in rows:

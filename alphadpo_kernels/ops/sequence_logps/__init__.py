@@ -12,7 +12,7 @@ from ..._validation import check_sequence_inputs
 from .naive import reference_sequence_logps, shift_labels
 from .options import LogpsOptions
 
-Backend = Literal["auto", "triton", "torch"]
+Backend = Literal["auto", "triton", "torch", "cublas"]
 
 __all__ = ["fused_sequence_logps", "reference_sequence_logps", "LogpsOptions", "resolve_backend"]
 
@@ -26,11 +26,19 @@ def triton_available() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` is Triton for CUDA tensors (when Triton imports) and torch otherwise."""
+    """``auto`` is Triton for CUDA tensors (when Triton imports), else the cublas backend when its extension is
+    built, and torch otherwise."""
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if backend not in ("triton", "torch"):
-        raise ValueError(f"backend must be one of 'auto', 'triton', 'torch', got {backend!r}")
+        if device.type == "cuda":
+            if triton_available():
+                return "triton"
+            from ... import _extension
+
+            if _extension.cuda_module() is not None:
+                return "cublas"
+        return "torch"
+    if backend not in ("triton", "torch", "cublas"):
+        raise ValueError(f"backend must be one of 'auto', 'triton', 'torch', 'cublas', got {backend!r}")
     if backend == "triton" and not triton_available():
         raise ValueError("backend='triton' needs the triton package (pip install triton); use backend='torch'")
     return backend
@@ -41,6 +49,10 @@ def _backend_module(name: str):
         from . import triton_backward, triton_forward
 
         return triton_forward.forward, triton_backward.backward
+    if name == "cublas":
+        from . import cublas_chunked
+
+        return cublas_chunked.forward, cublas_chunked.backward
     from . import torch_chunked
 
     return torch_chunked.forward, torch_chunked.backward
@@ -107,8 +119,9 @@ def fused_sequence_logps(
         bias: optional ``[V]`` LM-head bias.
         shift: if True, the logit at position ``t`` scores ``labels[:, t + 1]`` (the usual causal-LM
             shift, as the released trainer does); hidden is not copied.
-        backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (chunked, any device)
-            or ``"auto"`` (Triton on CUDA, torch otherwise).
+        backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (chunked, any device;
+            uses the compiled CPU epilogue when built), ``"cublas"`` (CUDA: cuBLAS GEMMs + the compiled CUDA
+            epilogue) or ``"auto"`` (Triton on CUDA, else cublas when built, torch otherwise).
         check_values: check label range and that every row has a live label (costs a host sync).
         options: block sizes and the torch backend's memory budget (:class:`LogpsOptions`).
 

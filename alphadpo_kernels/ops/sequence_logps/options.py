@@ -36,6 +36,7 @@ class LogpsOptions:
     chunk_vocab: int | None = None
     bwd_vocab_chunk: int | None = None
     filter_eps: float | str | None = None
+    use_extension: bool = True
 
     def __post_init__(self) -> None:
         for name in ("fwd_block_m", "fwd_block_n", "fwd_block_k", "bwd_block_m", "bwd_block_n", "bwd_block_k"):

@@ -1,0 +1,80 @@
+"""The optional compiled epilogues (``csrc/``): import, availability, and checked calls.
+
+Every wrapper validates what the C++/CUDA side assumes (float32 logits with unit column stride, int64 targets
+and float32 per-row vectors, contiguous, on the logits' device, with matching lengths) before passing raw
+pointers, so a mistake raises a ``ValueError`` naming the argument instead of reading out of bounds.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+
+
+@functools.cache
+def _load(name: str):
+    try:
+        return importlib.import_module(f"alphadpo_kernels.{name}")
+    except ImportError:
+        return None
+
+
+def cpu_module():
+    return _load("_C")
+
+
+def cuda_module():
+    return _load("_C_cuda")
+
+
+def _check(logits: torch.Tensor, targets: torch.Tensor, vectors: dict[str, torch.Tensor]) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dtype != torch.float32 or logits.dim() != 2:
+        raise ValueError(f"logits must be a 2-D float32 tensor, got {getattr(logits, 'dtype', type(logits))} "
+                         f"{tuple(getattr(logits, 'shape', ()))}")
+    if logits.stride(1) != 1 or logits.stride(0) < logits.shape[1]:
+        raise ValueError(f"logits must have unit column stride and non-overlapping rows, got strides {logits.stride()}")
+    n = logits.shape[0]
+    if targets.dtype != torch.int64 or tuple(targets.shape) != (n,) or not targets.is_contiguous():
+        raise ValueError(f"targets must be a contiguous int64 tensor of shape ({n},), got {targets.dtype} "
+                         f"{tuple(targets.shape)}")
+    for name, t in {"targets": targets, **vectors}.items():
+        if t.device != logits.device:
+            raise ValueError(f"{name} is on {t.device} but logits are on {logits.device}")
+    for name, t in vectors.items():
+        if t.dtype != torch.float32 or tuple(t.shape) != (n,) or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous float32 tensor of shape ({n},), got {t.dtype} "
+                             f"{tuple(t.shape)}")
+
+
+def _module_for(logits: torch.Tensor):
+    mod = cuda_module() if logits.is_cuda else cpu_module()
+    if mod is None:
+        kind = "CUDA (alphadpo_kernels._C_cuda)" if logits.is_cuda else "CPU (alphadpo_kernels._C)"
+        raise RuntimeError(f"the {kind} extension is not built; reinstall with a compiler (and nvcc for CUDA)")
+    return mod
+
+
+def _tail(logits: torch.Tensor) -> tuple:
+    if logits.is_cuda:
+        return (torch.cuda.current_stream(logits.device).cuda_stream,)
+    return (torch.get_num_threads(),)
+
+
+def lse_update(logits, targets, v_offset: int, softcap: float | None, m, s, tz) -> None:
+    """Fold a ``[n, v]`` logits chunk (columns ``v_offset..``) into running ``m``, ``s`` and target logits ``tz``.
+    Soft-caps ``logits`` in place."""
+    _check(logits, targets, {"m": m, "s": s, "tz": tz})
+    n, v = logits.shape
+    _module_for(logits).lse_update(logits.data_ptr(), n, v, logits.stride(0), targets.data_ptr(), int(v_offset),
+                                   float(softcap or 0.0), m.data_ptr(), s.data_ptr(), tz.data_ptr(), *_tail(logits))
+
+
+def grad_logits(logits, targets, v_offset: int, softcap: float | None, lse, g) -> torch.Tensor:
+    """Turn a recomputed ``[n, v]`` logits chunk into ``g·(onehot − softmax)·softcap'`` in place; returns it."""
+    _check(logits, targets, {"lse": lse, "g": g})
+    n, v = logits.shape
+    _module_for(logits).grad_logits(logits.data_ptr(), n, v, logits.stride(0), targets.data_ptr(), int(v_offset),
+                                    float(softcap or 0.0), lse.data_ptr(), g.data_ptr(), *_tail(logits))
+    return logits
