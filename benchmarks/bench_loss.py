@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without install
 
 from alphadpo_kernels import LogpsOptions, fused_alpha_dpo_loss  # noqa: E402
 from alphadpo_kernels.losses import alpha_dpo_head, simpo_head  # noqa: E402
+from alphadpo_kernels.ops.sequence_logps.tuning import cuda_time_ms  # noqa: E402
 
 METHODS = ("fused", "fused-filter", "cublas", "fused-torch", "fused-torch-noext", "naive", "liger", "cce")
 REGIMES = ("uniform", "peaked")
@@ -266,12 +267,7 @@ class _Timer:
 
     def __call__(self, fn: Callable) -> float:
         if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end)
+            return cuda_time_ms(fn)
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3

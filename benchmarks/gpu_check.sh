@@ -22,6 +22,9 @@ else
   BENCH_ARGS=(--T 16 32 --H 32 --V 128 --repeats 1 --warmup 0)
 fi
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests -m gpu -q -ra 2>&1 | tee "$OUT/tests.log"
+# Block sizes measured on this card (cached in $OUT/tuning.json and used by the benchmark below).
+export ALPHADPO_TUNING_CACHE="$OUT/tuning.json"
+timeout "${TUNE_TIMEOUT:-150}" python3 benchmarks/autotune.py 2>&1 | tee "$OUT/autotune.log"
 tests_rc=${PIPESTATUS[0]}
 timeout "${BENCH_TIMEOUT:-330}" python3 benchmarks/bench_loss.py "${BENCH_ARGS[@]}" --no-progress \
   --json "$OUT/bench.json" --plot "$OUT/bench.png" 2>&1 | tee "$OUT/bench.log"

@@ -123,7 +123,8 @@ def fused_sequence_logps(
             uses the compiled CPU epilogue when built), ``"cublas"`` (CUDA: cuBLAS GEMMs + the compiled CUDA
             epilogue) or ``"auto"`` (Triton on CUDA, else cublas when built, torch otherwise).
         check_values: check label range and that every row has a live label (costs a host sync).
-        options: block sizes and the torch backend's memory budget (:class:`LogpsOptions`).
+        options: block sizes and the torch backend's memory budget (:class:`LogpsOptions`). With None the
+            Triton backend uses the cached ``tuning.autotune`` result for this card and shape, if any.
 
     Returns:
         ``[rows]`` float32 log-probs.
@@ -134,6 +135,10 @@ def fused_sequence_logps(
         raise TypeError("hidden must be float32, bfloat16 or float16 for the fused op; float64 is for "
                         "reference_sequence_logps")
     backend = resolve_backend(backend, hidden.device)
+    if options is None and backend == "triton":
+        from .tuning import default_options  # cached autotune result, else the architecture's start
+
+        options = default_options(hidden.device, hidden.dtype, hidden.shape[-1], weight.shape[0])
     opts = options or LogpsOptions()
     if opts.softcap != softcap:
         opts = LogpsOptions(**{**opts.__dict__, "softcap": softcap})

@@ -1,0 +1,133 @@
+"""Block-size choice for the Triton kernels: per-architecture starting points, and a small autotuner that
+times candidates on the real device and caches the winner per (card, H, V, dtype).
+
+The starting points are not measured (no GPU has been available to this project yet); ``autotune`` is how
+they get replaced by measured choices, and ``benchmarks/gpu_check.sh`` runs it at the Llama-3 head. The cache
+is a JSON file (``$ALPHADPO_TUNING_CACHE``, default ``~/.cache/alphadpo_kernels/tuning.json``) that
+``fused_sequence_logps`` reads when it is given no options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+from typing import Callable, Iterable
+
+import torch
+
+from .options import LogpsOptions
+
+# Starting points by compute-capability major (8: A100 class, 9: H100/H200). Unmeasured: see module docstring.
+ARCH_DEFAULTS: dict[int, dict] = {
+    8: dict(fwd_block_m=64, fwd_block_n=128, fwd_block_k=64, bwd_block_m=64, bwd_block_n=128, bwd_block_k=64,
+            num_warps=8, num_stages=3),
+    9: dict(fwd_block_m=128, fwd_block_n=128, fwd_block_k=64, bwd_block_m=64, bwd_block_n=128, bwd_block_k=64,
+            num_warps=8, num_stages=3),
+}
+
+CANDIDATES: tuple[dict, ...] = (
+    dict(fwd_block_m=64, fwd_block_n=128, fwd_block_k=64, bwd_block_m=64, bwd_block_n=128, bwd_block_k=64,
+         num_warps=8, num_stages=3),
+    dict(fwd_block_m=128, fwd_block_n=128, fwd_block_k=64, bwd_block_m=64, bwd_block_n=128, bwd_block_k=64,
+         num_warps=8, num_stages=3),
+    dict(fwd_block_m=128, fwd_block_n=256, fwd_block_k=64, bwd_block_m=128, bwd_block_n=128, bwd_block_k=64,
+         num_warps=8, num_stages=3),
+    dict(fwd_block_m=64, fwd_block_n=256, fwd_block_k=32, bwd_block_m=64, bwd_block_n=64, bwd_block_k=64,
+         num_warps=4, num_stages=4),
+    dict(fwd_block_m=128, fwd_block_n=64, fwd_block_k=64, bwd_block_m=128, bwd_block_n=64, bwd_block_k=32,
+         num_warps=4, num_stages=3),
+)
+
+
+def cache_path() -> str:
+    return os.environ.get("ALPHADPO_TUNING_CACHE",
+                          os.path.join(os.path.expanduser("~"), ".cache", "alphadpo_kernels", "tuning.json"))
+
+
+def cache_key(device: torch.device, dtype: torch.dtype, hdim: int, vocab: int) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return f"{name}|H={hdim}|V={vocab}|{str(dtype).replace('torch.', '')}"
+
+
+def _read(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def default_options(device: torch.device, dtype: torch.dtype, hdim: int, vocab: int,
+                    path: str | None = None) -> LogpsOptions:
+    """A cached autotune result for this card and shape if there is one, else the architecture's start."""
+    entry = _read(path or cache_path()).get(cache_key(device, dtype, hdim, vocab))
+    if entry:
+        return LogpsOptions(**entry["options"])
+    if device.type == "cuda":
+        major = torch.cuda.get_device_capability(device)[0]
+        return LogpsOptions(**ARCH_DEFAULTS.get(major, ARCH_DEFAULTS[8]))
+    return LogpsOptions()
+
+
+def cuda_time_ms(fn: Callable[[], None]) -> float:
+    """Milliseconds of ``fn`` on the current CUDA stream, by CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+def autotune(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+             candidates: Iterable[dict] = CANDIDATES, repeats: int = 5, warmup: int = 1,
+             timer: Callable[[Callable[[], None]], float] | None = None, path: str | None = None,
+             backend: str = "triton", write: bool = True) -> dict:
+    """Time forward + backward of ``fused_sequence_logps`` for each candidate on these inputs, drop candidates
+    that fail to run (e.g. too much shared memory) or disagree with the torch backend, cache the fastest.
+
+    Returns ``{"key", "options", "ms", "results"}`` where ``results`` lists every candidate with its median
+    time or the reason it was dropped.
+    """
+    from . import fused_sequence_logps
+
+    timer = timer or cuda_time_ms
+    check = fused_sequence_logps(hidden.detach(), weight.detach(), labels, backend="torch", check_values=False)
+    results = []
+    for cand in candidates:
+        h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+        try:
+            opts = dataclasses.replace(LogpsOptions(), **cand)
+
+            def step(opts=opts):
+                h.grad = w.grad = None
+                fused_sequence_logps(h, w, labels, backend=backend, options=opts, check_values=False).sum().backward()
+
+            out = fused_sequence_logps(h.detach(), w.detach(), labels, backend=backend, options=opts,
+                                       check_values=False)
+            err = float((out - check).abs().max() / check.abs().max().clamp_min(1e-30))
+            if err > 1e-3:
+                results.append(dict(options=cand, error=f"disagrees with the torch backend ({err:.1e})"))
+                continue
+            for _ in range(warmup):
+                step()
+            ms = statistics.median(timer(step) for _ in range(repeats))
+            results.append(dict(options=cand, ms=ms))
+        except Exception as exc:  # noqa: BLE001 - a candidate that cannot run is simply dropped
+            results.append(dict(options=cand, error=f"{type(exc).__name__}: {str(exc)[:160]}"))
+    timed = [r for r in results if "ms" in r]
+    if not timed:
+        raise RuntimeError(f"no candidate ran: {results}")
+    best = min(timed, key=lambda r: r["ms"])
+    key = cache_key(hidden.device, hidden.dtype, hidden.shape[-1], weight.shape[0])
+    record = {"key": key, "options": best["options"], "ms": best["ms"], "results": results}
+    if write:
+        target = path or cache_path()
+        data = _read(target)
+        data[key] = {"options": best["options"], "ms": best["ms"]}
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+        with open(target, "w") as f:
+            json.dump(data, f, indent=1)
+    return record
