@@ -72,6 +72,16 @@ def _reference_logps(labels, *, ref_chosen_logps, ref_rejected_logps, ref_hidden
     return ref[:pairs], ref[pairs:]
 
 
+def _margin_state(value, name: str, device: torch.device) -> torch.Tensor:
+    """``[1]`` tensor from None (step 1: zero), a number, or a 0-d / ``[1]`` tensor."""
+    if value is None:
+        return torch.zeros(1, dtype=torch.float32, device=device)
+    t = torch.as_tensor(value, dtype=None if isinstance(value, torch.Tensor) else torch.float32, device=device)
+    if t.numel() != 1 or not t.is_floating_point():
+        raise ValueError(f"{name} must be a number or a floating tensor with one element, got {value!r}")
+    return t.reshape(1)
+
+
 def fused_alpha_dpo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -109,7 +119,8 @@ def fused_alpha_dpo_loss(
         weight: ``[V, H]`` policy LM-head weight (``bias``: optional ``[V]``).
         labels: ``[2P, T]`` target ids, ``ignore_index`` on prompt and padding; with ``shift=True`` they are
             the input ids (logit ``t`` scores ``labels[:, t+1]``), as in a TRL / released-trainer batch.
-        margin_mean, margin_std: α-DPO running ``c1, c2`` (``[1]``; zeros when None, i.e. step 1).
+        margin_mean, margin_std: α-DPO running ``c1, c2`` (``[1]`` tensors or numbers; zeros when None,
+            i.e. step 1).
         ref_chosen_logps, ref_rejected_logps: ``[P]`` precomputed reference log-probs, or
         ref_hidden, ref_weight, ref_bias: the reference model's ``[2P, T, H]`` hidden states and head, run
             through the forward kernel under ``no_grad``.
@@ -141,11 +152,10 @@ def fused_alpha_dpo_loss(
         ref_c, ref_r = ref_c.to(logps.dtype), ref_r.to(logps.dtype)
 
     if loss_type == "alpha_dpo":
-        zeros = torch.zeros(1, dtype=torch.float32, device=hidden.device)
         head = alpha_dpo_head(
             pol_c, pol_r, ref_c, ref_r, beta=beta, gamma_beta_ratio=gamma_beta_ratio, alpha=alpha,
-            margin_mean=margin_mean if margin_mean is not None else zeros,
-            margin_std=margin_std if margin_std is not None else zeros,
+            margin_mean=_margin_state(margin_mean, "margin_mean", hidden.device),
+            margin_std=_margin_state(margin_std, "margin_std", hidden.device),
             ema_momentum=ema_momentum, update_stats=update_stats, std_eps=std_eps,
             label_smoothing=label_smoothing, process_group=process_group)
     elif loss_type == "simpo":

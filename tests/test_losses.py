@@ -200,3 +200,14 @@ def test_simpo_needs_no_reference(device):
     out = fused_alpha_dpo_loss(hidden, weight, labels, loss_type="simpo", beta=2.0, gamma_beta_ratio=0.5)
     assert "logps/ref_chosen" not in out.metrics
     assert torch.allclose(out.chosen_rewards, 2.0 * out.chosen_logps)
+
+
+def test_margin_state_accepts_numbers_and_scalars(device):
+    hidden, weight, labels, _ = make_inputs(rows=4, seed=53, device=device)
+    refs = dict(ref_chosen_logps=torch.tensor([-3.0, -2.5]), ref_rejected_logps=torch.tensor([-2.0, -3.5]))
+    a = fused_alpha_dpo_loss(hidden, weight, labels, margin_mean=0.05, margin_std=0.4, **refs)
+    b = fused_alpha_dpo_loss(hidden, weight, labels, margin_mean=torch.tensor(0.05), margin_std=torch.tensor([0.4]),
+                             **refs)
+    assert torch.equal(a.loss, b.loss) and a.margin_mean.shape == (1,)
+    with pytest.raises(ValueError, match="margin_std must be a number or a floating tensor with one element"):
+        fused_alpha_dpo_loss(hidden, weight, labels, margin_mean=0.0, margin_std=torch.zeros(2), **refs)
