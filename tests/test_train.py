@@ -93,6 +93,18 @@ def _final_weights(path):
 DEMO = ["--demo", "--max-steps", "20", "--eval-steps", "10", "--logging-steps", "5"]
 
 
+def test_console_script_exits_zero(tmp_path):
+    """The documented command, as a user types it (console script), succeeds with exit status 0."""
+    import shutil as _sh
+
+    exe = _sh.which("alphadpo-train")
+    cmd = [exe] if exe else [sys.executable, "-m", "alphadpo_kernels.train"]
+    proc = subprocess.run(cmd + ["--demo", "--max-steps", "4", "--eval-steps", "100", "--output-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "eval/rewards/accuracies" in proc.stdout and (tmp_path / "summary.json").exists()
+
+
 def test_demo_learns_and_writes_its_files(tmp_path):
     summary = main(DEMO + ["--max-steps", "40", "--save-steps", "20", "--output-dir", str(tmp_path)])
     assert summary["eval/rewards/accuracies"] >= 0.9

@@ -1,4 +1,4 @@
-from .trainer import main
+from .trainer import cli
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -293,3 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{summary['eval/rewards/accuracies']:.3f} after {summary['steps']} steps "
               f"({summary['seconds']} s); see {cfg.output_dir}/summary.json")
     return summary
+
+
+def cli() -> None:
+    """Console entry point (``alphadpo-train``): exit status 0 on success, the summary is in summary.json."""
+    main()
