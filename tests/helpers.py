@@ -30,3 +30,22 @@ def make_inputs(rows=4, seq=23, hdim=40, vocab=123, dtype=torch.float32, *, bias
             labels[r, seq - pad:] = ignore_index
     to = dict(device=device, dtype=dtype)
     return (hidden.to(**to), weight.to(**to), labels.to(device), b.to(**to) if b is not None else None)
+
+
+def check_against_fp64(hidden, weight, labels, bias=None, *, logp_tol=1e-5, grad_tol=1e-4, **kwargs):
+    """``fused_sequence_logps(..., **kwargs)`` and its gradients in hidden, weight (and bias) against the
+    float64 full-logits reference on the same (rounded) inputs, within the given relative tolerances."""
+    from alphadpo_kernels import fused_sequence_logps, reference_sequence_logps
+    from conftest import rel_err
+
+    leaves = [t.requires_grad_() for t in (hidden, weight, bias) if t is not None]
+    out = fused_sequence_logps(hidden, weight, labels, bias=bias, **kwargs)
+    grads = torch.autograd.grad(out.sum(), leaves)
+    l64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref_kwargs = {k: kwargs[k] for k in ("softcap", "shift", "average", "ignore_index") if k in kwargs}
+    ref = reference_sequence_logps(l64[0], l64[1], labels, bias=l64[2] if bias is not None else None, **ref_kwargs)
+    ref_grads = torch.autograd.grad(ref.sum(), l64)
+    assert rel_err(out, ref) < logp_tol, ("logps", rel_err(out, ref))
+    for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        assert rel_err(g, r) < grad_tol, (name, rel_err(g, r))
+    return out, grads

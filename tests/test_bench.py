@@ -7,7 +7,6 @@ import math
 import os
 import sys
 
-import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))

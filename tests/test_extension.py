@@ -13,7 +13,7 @@ from alphadpo_kernels import _extension
 from alphadpo_kernels.ops.sequence_logps import torch_chunked
 from alphadpo_kernels.ops.sequence_logps.torch_chunked import ExtensionEpilogue, TorchEpilogue
 from conftest import rel_err
-from helpers import make_inputs
+from helpers import check_against_fp64, make_inputs
 
 REQUIRED = os.environ.get("ALPHADPO_REQUIRE_EXTENSIONS") == "1"
 
@@ -62,18 +62,10 @@ def test_epilogues_agree_over_online_chunks(cpu_ext, softcap):
 @pytest.mark.parametrize("softcap", [None, 3.0], ids=["plain", "softcap"])
 def test_torch_backend_with_extension_matches_reference(cpu_ext, dtype, softcap):
     hidden, weight, labels, bias = make_inputs(dtype=dtype, bias=True, seed=3)
-    leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
     opts = LogpsOptions(chunk_tokens=9, chunk_vocab=40)
     assert torch_chunked.pick_epilogue(hidden.device, opts) is ExtensionEpilogue
-    out = fused_sequence_logps(hidden, weight, labels, bias=bias, softcap=softcap, shift=True, backend="torch",
-                               options=opts)
-    grads = torch.autograd.grad(out.sum(), leaves)
-    l64 = [t.detach().double().requires_grad_() for t in leaves]
-    ref = reference_sequence_logps(*l64[:2], labels, bias=l64[2], softcap=softcap, shift=True)
-    ref_grads = torch.autograd.grad(ref.sum(), l64)
-    assert rel_err(out, ref) < 1e-5
-    for g, r in zip(grads, ref_grads):
-        assert rel_err(g, r) < (1e-4 if dtype == torch.float32 else 2e-2)
+    check_against_fp64(hidden, weight, labels, bias, grad_tol=1e-4 if dtype == torch.float32 else 2e-2,
+                       softcap=softcap, shift=True, backend="torch", options=opts)
 
 
 def test_fallback_when_the_extension_is_absent(monkeypatch):
@@ -147,12 +139,5 @@ def test_cublas_backend_refuses_cpu_tensors():
 def test_cublas_backend_on_gpu(dtype, grad_tol, softcap):
     hidden, weight, labels, bias = make_inputs(rows=4, seq=257, hdim=512, vocab=32003, dtype=dtype, bias=True,
                                                seed=9, device="cuda")
-    leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
-    out = fused_sequence_logps(hidden, weight, labels, bias=bias, softcap=softcap, shift=True, backend="cublas",
-                               options=LogpsOptions(memory_budget_mb=32))
-    grads = torch.autograd.grad(out.sum(), leaves)
-    l64 = [t.detach().double().requires_grad_() for t in leaves]
-    ref = reference_sequence_logps(*l64[:2], labels, bias=l64[2], softcap=softcap, shift=True)
-    for g, r in zip(grads, torch.autograd.grad(ref.sum(), l64)):
-        assert rel_err(g, r) < grad_tol
-    assert rel_err(out, ref) < 1e-4
+    check_against_fp64(hidden, weight, labels, bias, logp_tol=1e-4, grad_tol=grad_tol, softcap=softcap, shift=True,
+                       backend="cublas", options=LogpsOptions(memory_budget_mb=32))

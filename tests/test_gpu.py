@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alphadpo_kernels import LogpsOptions, fused_alpha_dpo_loss, fused_sequence_logps, reference_sequence_logps
+from alphadpo_kernels import LogpsOptions, fused_alpha_dpo_loss, fused_sequence_logps
 from conftest import rel_err
-from helpers import make_inputs
+from helpers import check_against_fp64, make_inputs
 
 pytestmark = pytest.mark.gpu
 
@@ -21,16 +21,8 @@ pytestmark = pytest.mark.gpu
 def test_shipped_blocks_at_a_real_head(dtype, logp_tol, grad_tol, softcap):
     hidden, weight, labels, bias = make_inputs(rows=4, seq=301, hdim=4096, vocab=32003, dtype=dtype, bias=True,
                                                seed=5, device="cuda", logit_scale=4.0)
-    leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
-    out = fused_sequence_logps(hidden, weight, labels, bias=bias, softcap=softcap, shift=True, backend="triton",
-                               options=LogpsOptions())
-    grads = torch.autograd.grad(out.sum(), leaves)
-    l64 = [t.detach().double().requires_grad_() for t in leaves]
-    ref = reference_sequence_logps(*l64[:2], labels, bias=l64[2], softcap=softcap, shift=True)
-    ref_grads = torch.autograd.grad(ref.sum(), l64)
-    assert rel_err(out, ref) < logp_tol
-    for g, r in zip(grads, ref_grads):
-        assert rel_err(g, r) < grad_tol
+    check_against_fp64(hidden, weight, labels, bias, logp_tol=logp_tol, grad_tol=grad_tol, softcap=softcap,
+                       shift=True, backend="triton", options=LogpsOptions())
 
 
 def test_triton_and_torch_backends_agree_on_cuda():

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
-
 from alphadpo_kernels import LogpsOptions, fused_sequence_logps
 from alphadpo_kernels.ops.sequence_logps import tuning
 from helpers import make_inputs
