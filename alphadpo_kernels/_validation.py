@@ -46,8 +46,8 @@ def check_sequence_inputs(
         raise ValueError(f"{w_name} must have shape [V, H] with H = {hdim} (from {h_name}), got {tuple(weight.shape)}")
     if weight.shape[0] == 0:
         raise ValueError(f"{w_name} must have at least one vocabulary row")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{w_name} must have the dtype of {h_name} ({hidden.dtype}), got {weight.dtype}")
+    if not weight.is_floating_point():
+        raise TypeError(f"{w_name} must be a floating tensor, got {weight.dtype}")
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if tuple(labels.shape) != (rows, seq):
@@ -63,8 +63,8 @@ def check_sequence_inputs(
             raise ValueError(f"{b_name} must have shape [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
         if bias.device != hidden.device:
             raise ValueError(f"{b_name} is on {bias.device} but {h_name} is on {hidden.device}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"{b_name} must have the dtype of {h_name} ({hidden.dtype}), got {bias.dtype}")
+        if not bias.is_floating_point():
+            raise TypeError(f"{b_name} must be a floating tensor, got {bias.dtype}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be a positive number or None, got {softcap}")
     if check_values:

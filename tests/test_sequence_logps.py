@@ -194,3 +194,31 @@ def test_auto_picks_torch_on_cpu():
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend("cuda", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_precision_head(backend, device):
+    """bf16 hidden states with a float32 head (master weights under autocast): the head is cast like autocast
+    casts the plain LM head, and its gradient arrives in float32 on the float32 parameter."""
+    hidden, weight, labels, bias = make_inputs(dtype=torch.float32, bias=True, seed=31, device=device)
+    hidden = hidden.to(torch.bfloat16).requires_grad_()
+    weight.requires_grad_(), bias.requires_grad_()
+    out = fused_sequence_logps(hidden, weight, labels, bias=bias, backend=backend, options=SMALL_BLOCKS)
+    dh, dw, db = torch.autograd.grad(out.sum(), [hidden, weight, bias])
+    assert dh.dtype == torch.bfloat16 and dw.dtype == torch.float32 and db.dtype == torch.float32
+    l64 = [hidden.detach().double().requires_grad_(), weight.detach().to(torch.bfloat16).double().requires_grad_(),
+           bias.detach().to(torch.bfloat16).double().requires_grad_()]
+    ref = reference_sequence_logps(*l64[:2], labels, bias=l64[2])
+    for g, r in zip((dh, dw, db), torch.autograd.grad(ref.sum(), l64)):
+        assert rel_err(g, r) < 2e-2
+    assert rel_err(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_does_not_change_the_kernels(backend, device):
+    """Under torch.autocast the op keeps its own precision (fp32 accumulation / upcast GEMMs)."""
+    hidden, weight, labels, _ = make_inputs(seed=37, device=device)
+    plain = fused_sequence_logps(hidden, weight, labels, backend=backend, options=SMALL_BLOCKS)
+    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+        cast = fused_sequence_logps(hidden, weight, labels, backend=backend, options=SMALL_BLOCKS)
+    assert torch.equal(plain, cast)

@@ -24,7 +24,7 @@ def _refs():
     ("hidden_int", TypeError, "hidden must be a floating tensor"),
     ("hidden_list", TypeError, "hidden must be a torch.Tensor"),
     ("weight_h", ValueError, r"weight must have shape \[V, H\] with H = 8"),
-    ("weight_dtype", TypeError, "weight must have the dtype of hidden"),
+    ("weight_dtype", TypeError, "weight must be a floating tensor"),
     ("labels_shape", ValueError, r"labels must have shape \[rows, T\]"),
     ("labels_float", TypeError, "labels must be an integer tensor"),
     ("label_too_big", ValueError, r"labels must be in \[0, 20\) or ignore_index=-100; labels\[1, 5\] = 20"),
@@ -49,7 +49,7 @@ def test_sequence_logps_bad_input(inputs, case, exc, match, backend):
     elif case == "weight_h":
         weight = weight[:, :5]
     elif case == "weight_dtype":
-        weight = weight.double()
+        weight = weight.long()
     elif case == "labels_shape":
         labels = labels[:, :4]
     elif case == "labels_float":

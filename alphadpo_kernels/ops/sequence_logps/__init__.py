@@ -61,6 +61,12 @@ def _backend_module(name: str):
 class _SequenceLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, average: bool, backend: str, opts: LogpsOptions):
+        # Autocast must not touch the kernels' own precision choices (fp32 accumulation, upcast GEMMs).
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return _SequenceLogps._forward(ctx, hidden, weight, bias, targets, average, backend, opts)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, targets, average, backend, opts):
         rows, seq, hdim = hidden.shape
         hidden2d = hidden.reshape(rows * seq, hdim)  # a view for the usual contiguous [rows, T, H]
         fwd, _ = _backend_module(backend)
@@ -75,6 +81,11 @@ class _SequenceLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps):
+        with torch.autocast(device_type=grad_logps.device.type, enabled=False):
+            return _SequenceLogps._backward(ctx, grad_logps)
+
+    @staticmethod
+    def _backward(ctx, grad_logps):
         hidden2d, weight, bias, flat_targets, lse, denom = ctx.saved_tensors
         rows, seq, backend, opts = ctx.meta
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -114,7 +125,8 @@ def fused_sequence_logps(
 
     Args:
         hidden: ``[rows, T, H]`` float32 / bfloat16 / float16 last hidden states.
-        weight: ``[V, H]`` LM-head weight, same dtype and device as ``hidden``.
+        weight: ``[V, H]`` LM-head weight on ``hidden``'s device; a different dtype (float32 master weights
+            under autocast) is cast to ``hidden``'s, as autocast does for the plain head.
         labels: ``[rows, T]`` integer target ids in ``[0, V)`` or ``ignore_index``.
         bias: optional ``[V]`` LM-head bias.
         shift: if True, the logit at position ``t`` scores ``labels[:, t + 1]`` (the usual causal-LM
@@ -139,6 +151,13 @@ def fused_sequence_logps(
         from .tuning import default_options  # cached autotune result, else the architecture's start
 
         options = default_options(hidden.device, hidden.dtype, hidden.shape[-1], weight.shape[0])
+    # Mixed precision: under autocast the decoder hands back bf16/fp16 hidden states while the head stays in
+    # float32 (master weights). Cast the head to the hidden states' dtype, as autocast does for the plain LM head;
+    # autograd takes the gradient back through the cast to the float32 parameter.
+    if weight.dtype != hidden.dtype:
+        weight = weight.to(hidden.dtype)
+    if bias is not None and bias.dtype != hidden.dtype:
+        bias = bias.to(hidden.dtype)
     opts = options or LogpsOptions()
     if opts.softcap != softcap:
         opts = LogpsOptions(**{**opts.__dict__, "softcap": softcap})
