@@ -159,3 +159,23 @@ def test_two_processes_agree_with_one(tmp_path):
     a, b = _final_weights(one), _final_weights(two)
     for k in a:  # six Adam steps at lr 3e-3 amplify the reduction-order rounding a little
         assert rel_err(b[k], a[k]) < 2e-4, k
+
+
+def test_online_reference_matches_precomputed(tmp_path):
+    """--reference-mode online (reference model kept, one fused forward per step) logs what precompute does."""
+    steps = ["--max-steps", "3", "--eval-steps", "1000", "--save-steps", "1000", "--logging-steps", "1"]
+    main(["--demo", *steps, "--output-dir", str(tmp_path / "pre")])
+    main(["--demo", *steps, "--reference-mode", "online", "--output-dir", str(tmp_path / "online")])
+    pre = [json.loads(x) for x in open(tmp_path / "pre" / "metrics.jsonl") if "train/loss" in x]
+    online = [json.loads(x) for x in open(tmp_path / "online" / "metrics.jsonl") if "train/loss" in x]
+    assert not (tmp_path / "online" / "reference_logps").exists()
+    for a, b in zip(pre, online):
+        for key in ("train/loss", "train/logps/ref_chosen", "train/logps/ref_rejected", "train/margin_std"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+
+
+def test_simpo_trains_without_a_reference(tmp_path):
+    summary = main(["--demo", "--loss-type", "simpo", "--max-steps", "40", "--eval-steps", "1000",
+                    "--output-dir", str(tmp_path)])
+    assert summary["loss_type"] == "simpo" and summary["eval/rewards/accuracies"] >= 0.9
+    assert "eval/logps/ref_chosen" not in summary and not (tmp_path / "reference_logps").exists()
