@@ -121,7 +121,7 @@ def train(cfg: TrainConfig) -> dict:
     policy = _load_policy(cfg, tokenizer)
     loss_fn = FusedAlphaDPOLoss(beta=cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio, alpha=cfg.alpha,
                                 loss_type=cfg.loss_type, ema_momentum=cfg.ema_momentum,
-                                softcap=softcap_of(policy), average_log_prob=cfg.average_log_prob, shift=True,
+                                average_log_prob=cfg.average_log_prob, shift=True,
                                 label_smoothing=cfg.label_smoothing)
     ref_model = None
     if loss_fn.loss_type != "simpo":

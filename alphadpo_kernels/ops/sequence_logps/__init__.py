@@ -3,6 +3,7 @@ without ever materialising ``rows × T × V`` logits. See ``naive.py`` for the m
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import Literal
 
@@ -160,7 +161,7 @@ def fused_sequence_logps(
         bias = bias.to(hidden.dtype)
     opts = options or LogpsOptions()
     if opts.softcap != softcap:
-        opts = LogpsOptions(**{**opts.__dict__, "softcap": softcap})
+        opts = dataclasses.replace(opts, softcap=softcap)
     if shift:
         labels = shift_labels(labels, ignore_index)
     targets = torch.where(labels == ignore_index, -1, labels.long())

@@ -10,6 +10,7 @@ is a JSON file (``$ALPHADPO_TUNING_CACHE``, default ``~/.cache/alphadpo_kernels/
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -46,17 +47,31 @@ def cache_path() -> str:
                           os.path.join(os.path.expanduser("~"), ".cache", "alphadpo_kernels", "tuning.json"))
 
 
+@functools.cache
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def cache_key(device: torch.device, dtype: torch.dtype, hdim: int, vocab: int) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return f"{name}|H={hdim}|V={vocab}|{str(dtype).replace('torch.', '')}"
+    return f"{_device_name(device)}|H={hdim}|V={vocab}|{str(dtype).replace('torch.', '')}"
 
 
-def _read(path: str) -> dict:
+@functools.lru_cache(maxsize=8)
+def _parse(path: str, mtime_ns: int) -> dict:
     try:
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError):
         return {}
+
+
+def _read(path: str) -> dict:
+    """The cache file's contents, parsed once per modification (default_options runs on every call)."""
+    try:
+        mtime = os.stat(path).st_mtime_ns
+    except OSError:
+        return {}
+    return _parse(path, mtime)
 
 
 def default_options(device: torch.device, dtype: torch.dtype, hdim: int, vocab: int,
@@ -125,7 +140,7 @@ def autotune(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *
     record = {"key": key, "options": best["options"], "ms": best["ms"], "results": results}
     if write:
         target = path or cache_path()
-        data = _read(target)
+        data = dict(_read(target))
         data[key] = {"options": best["options"], "ms": best["ms"]}
         os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
         with open(target, "w") as f:
