@@ -38,7 +38,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
 
-from alphadpo_kernels import LogpsOptions, fused_alpha_dpo_loss  # noqa: E402
+from alphadpo_kernels import LogpsOptions, fused_alpha_dpo_loss, reference_sequence_logps  # noqa: E402
 from alphadpo_kernels.losses import alpha_dpo_head, simpo_head  # noqa: E402
 from alphadpo_kernels.ops.sequence_logps.tuning import cuda_time_ms  # noqa: E402
 
@@ -168,9 +168,7 @@ def token_entropy(hidden, weight) -> float:
 
 def _naive_logps(hidden, weight, labels):
     """The released trainer's path: full logits in the model's dtype, float32 log_softmax, gather, mean."""
-    logits = (hidden @ weight.T).float()
-    logp = torch.gather(logits.log_softmax(-1), 2, labels.unsqueeze(-1)).squeeze(-1)
-    return logp.mean(-1)
+    return reference_sequence_logps(hidden, weight, labels, compute_dtype=None)
 
 
 def _alpha_dpo(logps, ref_c, ref_r, pairs):
