@@ -18,14 +18,18 @@ from helpers import check_against_fp64, make_inputs
 REQUIRED = os.environ.get("ALPHADPO_REQUIRE_EXTENSIONS") == "1"
 
 
-@pytest.fixture(scope="module")
-def cpu_ext():
-    mod = _extension.cpu_module()
+def _built(mod, name: str):
+    """The module, or fail (CI requires the build) / skip (a machine without a compiler)."""
     if mod is None:
         if REQUIRED:
-            pytest.fail("ALPHADPO_REQUIRE_EXTENSIONS=1 but alphadpo_kernels._C is not built")
-        pytest.skip("CPU extension not built")
+            pytest.fail(f"ALPHADPO_REQUIRE_EXTENSIONS=1 but alphadpo_kernels.{name} is not built")
+        pytest.skip(f"alphadpo_kernels.{name} not built")
     return mod
+
+
+@pytest.fixture(scope="module")
+def cpu_ext():
+    return _built(_extension.cpu_module(), "_C")
 
 
 def _chunk(n, v, seed):
@@ -118,11 +122,7 @@ def test_bad_inputs_are_caught_before_the_call(cpu_ext, case, match):
 
 
 def test_cuda_extension_imports_without_a_gpu():
-    mod = _extension.cuda_module()
-    if mod is None:
-        if REQUIRED:
-            pytest.fail("ALPHADPO_REQUIRE_EXTENSIONS=1 but alphadpo_kernels._C_cuda is not built")
-        pytest.skip("CUDA extension not built (no nvcc)")
+    mod = _built(_extension.cuda_module(), "_C_cuda")
     assert mod.device_count() >= 0
     assert backends()["cuda_epilogue"] is True
 
