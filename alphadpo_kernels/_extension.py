@@ -78,3 +78,23 @@ def grad_logits(logits, targets, v_offset: int, softcap: float | None, lse, g) -
     _module_for(logits).grad_logits(logits.data_ptr(), n, v, logits.stride(0), targets.data_ptr(), int(v_offset),
                                     float(softcap or 0.0), lse.data_ptr(), g.data_ptr(), *_tail(logits))
     return logits
+
+
+_OUT_DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
+
+
+def grad_logits_to(logits, targets, v_offset: int, softcap: float | None, lse, g, out, *, keep: bool) -> None:
+    """CUDA only: ``out = g·(onehot − softmax)·softcap'`` of a float32 ``[n, v]`` logits chunk, written once in
+    ``out``'s dtype (bfloat16 / float16); with ``keep`` the float32 values also overwrite ``logits``."""
+    _check(logits, targets, {"lse": lse, "g": g})
+    if not logits.is_cuda:
+        raise ValueError("grad_logits_to is CUDA only (the CPU backend keeps dz in float32)")
+    if not isinstance(out, torch.Tensor) or out.dtype not in _OUT_DTYPE_CODES or tuple(out.shape) != tuple(logits.shape):
+        raise ValueError(f"out must be a bfloat16 or float16 tensor of shape {tuple(logits.shape)}, got "
+                         f"{getattr(out, 'dtype', type(out))} {tuple(getattr(out, 'shape', ()))}")
+    if out.stride(1) != 1 or out.stride(0) < out.shape[1] or out.device != logits.device:
+        raise ValueError(f"out must have unit column stride, non-overlapping rows and be on {logits.device}")
+    n, v = logits.shape
+    _module_for(logits).grad_logits_to(logits.data_ptr(), n, v, logits.stride(0), targets.data_ptr(), int(v_offset),
+                                       float(softcap or 0.0), lse.data_ptr(), g.data_ptr(), out.data_ptr(),
+                                       out.stride(0), _OUT_DTYPE_CODES[out.dtype], bool(keep), *_tail(logits))

@@ -11,7 +11,7 @@ from alphadpo_kernels import LogpsOptions
 # Small tiles so that the odd test shapes exercise every tail: V = 123 is not a multiple of 32, H = 40 not of 16.
 SMALL_BLOCKS = LogpsOptions(fwd_block_m=16, fwd_block_n=32, fwd_block_k=16,
                             bwd_block_m=16, bwd_block_n=32, bwd_block_k=16, group_m=2,
-                            chunk_tokens=7, chunk_vocab=50, bwd_vocab_chunk=64)
+                            chunk_tokens=7, chunk_vocab=50)
 
 
 def make_inputs(rows=4, seq=23, hdim=40, vocab=123, dtype=torch.float32, *, bias=False, seed=0,
@@ -49,3 +49,21 @@ def check_against_fp64(hidden, weight, labels, bias=None, *, logp_tol=1e-5, grad
     for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
         assert rel_err(g, r) < grad_tol, (name, rel_err(g, r))
     return out, grads
+
+
+def cublas_on_cpu(monkeypatch):
+    """Run ``backend="cublas"`` on CPU tensors: its driver, GEMM helpers and chunking as on a GPU, with the one
+    CUDA-only piece, the epilogue that writes dz in the input dtype, replaced by its torch twin."""
+    from alphadpo_kernels import _extension
+    from alphadpo_kernels.ops.sequence_logps import cublas_chunked, torch_chunked
+
+    monkeypatch.setattr(cublas_chunked, "check_available", lambda hidden2d: None)
+
+    def grad_logits_to(z, t, vs, softcap, lse, g, out, *, keep):
+        torch_chunked.TorchEpilogue.grad_logits(z, t, vs, softcap, lse, g)
+        out.copy_(z)
+
+    monkeypatch.setattr(_extension, "grad_logits_to", grad_logits_to)
+    if _extension.cpu_module() is None:
+        monkeypatch.setattr(torch_chunked.ExtensionEpilogue, "lse_update", torch_chunked.TorchEpilogue.lse_update)
+        monkeypatch.setattr(torch_chunked.ExtensionEpilogue, "grad_logits", torch_chunked.TorchEpilogue.grad_logits)

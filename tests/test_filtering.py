@@ -1,5 +1,6 @@
-"""Backward tile skipping: off means bit-identical results; on, peaked bf16 inputs skip most tiles and stay
-within the bf16 tolerance, while near-uniform inputs skip nothing."""
+"""Backward tile skipping (opt-in, the atomic kernel of triton_skip_backward.py): off means the exact chunked
+backward; on, peaked bf16 inputs skip most tiles and stay within the bf16 tolerance, while near-uniform inputs
+skip nothing."""
 
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ import pytest
 import torch
 
 from alphadpo_kernels import LogpsOptions, fused_sequence_logps, reference_sequence_logps
-from alphadpo_kernels.ops.sequence_logps import triton_backward, triton_forward
+from alphadpo_kernels.ops.sequence_logps import triton_backward, triton_forward, triton_skip_backward
 from conftest import rel_err
 from helpers import SMALL_BLOCKS, make_inputs
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import bench_loss  # noqa: E402
 
-BLOCKS = dataclasses.replace(SMALL_BLOCKS, bwd_vocab_chunk=None)
+BLOCKS = dataclasses.replace(SMALL_BLOCKS, chunk_vocab=None)
 
 
 def _peaked(dtype=torch.bfloat16, seed=0):
@@ -36,7 +37,11 @@ def _backward(hidden, weight, labels, opts):
     live = (targets >= 0).view(labels.shape)
     g = torch.where(live, 1.0 / live.sum(1, keepdim=True), 0.0).reshape(-1)
     count = torch.zeros(1, dtype=torch.int32)
-    dh, dw, _ = triton_backward.backward(h2d, weight, None, targets, lse, g, opts, True, True, False, skip_count=count)
+    if opts.filter_threshold(hidden.dtype) is None:  # the default, exact path: the chunked GEMM backward
+        dh, dw, _ = triton_backward.backward(h2d, weight, None, targets, lse, g, opts, True, True, False)
+        return dh, dw, 0
+    dh, dw, _ = triton_skip_backward.skip_backward(h2d, weight, None, targets, lse, g, opts, True, True, False,
+                                                   skip_count=count)
     return dh, dw, int(count)
 
 
@@ -80,8 +85,8 @@ def test_near_uniform_bf16_skips_nothing():
     hidden, weight, labels, _ = make_inputs(rows=2, seq=24, hdim=32, vocab=1024, dtype=torch.bfloat16,
                                             logit_scale=1.0, seed=2)
     dh, dw, skipped = _backward(hidden, weight, labels, AUTO)
-    exact = _backward(hidden, weight, labels, BLOCKS)
-    assert skipped == 0 and torch.equal(dh, exact[0]) and torch.equal(dw, exact[1])
+    unfiltered = _backward(hidden, weight, labels, dataclasses.replace(BLOCKS, filter_eps=1e-30))  # same kernel
+    assert skipped == 0 and torch.equal(dh, unfiltered[0]) and torch.equal(dw, unfiltered[1])
 
 
 def test_peaked_bf16_skips_exactly_the_documented_tiles():

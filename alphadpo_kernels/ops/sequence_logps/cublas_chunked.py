@@ -1,9 +1,12 @@
-"""``backend="cublas"``: the chunked loops of torch_chunked.py with GEMMs in the input dtype through cuBLAS
-(float32 output) and the CUDA epilogues of ``alphadpo_kernels._C_cuda`` doing everything else on each chunk.
+"""``backend="cublas"``: cuBLAS GEMMs (float32 output) and the CUDA epilogues of ``alphadpo_kernels._C_cuda``.
+
+The forward is torch_chunked's: float32 logit blocks by cuBLAS, the online log-sum-exp in the CUDA epilogue. The
+backward is the same chunked driver as every backend (chunked_backward.py) with the cuBLAS + epilogue ``dz``
+producer: per chunk, float32 logits by one GEMM into a scratch buffer, then one CUDA pass writes ``dz`` in the
+input dtype, the operand of the two gradient GEMMs.
 
 Needs no Triton at run time: for restricted containers, older cards, and as an independent implementation to
-hold the Triton kernels against. Same exactness bars and the same no ``rows × T × V`` rule (chunks are sized
-by ``LogpsOptions.memory_budget_mb``).
+hold the Triton kernels against. Same exactness bars, the same memory modes and the same no ``rows × T × V`` rule.
 """
 
 from __future__ import annotations
@@ -23,11 +26,10 @@ def check_available(hidden2d) -> None:
 
 def forward(hidden2d, weight, bias, targets, opts: LogpsOptions):
     check_available(hidden2d)
-    return torch_chunked.forward(hidden2d, weight, bias, targets, opts, epilogue=torch_chunked.ExtensionEpilogue,
-                                 gemm=torch_chunked.NativeGemm)
+    return torch_chunked.forward(hidden2d, weight, bias, targets, opts, epilogue=torch_chunked.ExtensionEpilogue)
 
 
 def backward(hidden2d, weight, bias, targets, lse, g, opts: LogpsOptions, need_dh, need_dw, need_db):
     check_available(hidden2d)
     return torch_chunked.backward(hidden2d, weight, bias, targets, lse, g, opts, need_dh, need_dw, need_db,
-                                  epilogue=torch_chunked.ExtensionEpilogue, gemm=torch_chunked.NativeGemm)
+                                  epilogue=torch_chunked.ExtensionEpilogue, dz_dtype=hidden2d.dtype)

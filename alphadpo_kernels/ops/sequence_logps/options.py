@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -11,21 +12,42 @@ import torch
 # dtype, as Cut Cross-Entropy's filter does for bf16; float32 is never filtered.
 AUTO_FILTER_EPS = {torch.bfloat16: 2.0**-12, torch.float16: 2.0**-15, torch.float32: None}
 
+MemoryMode = Literal["fast", "lean"]
+MEMORY_MODES = ("fast", "lean")
+
+# Scratch the backward may use besides the gradients (and, in "fast" mode, its one float32 accumulator):
+# the dz chunk, the cuBLAS producer's float32 logits chunk, per-chunk partial sums. SPEC §4 allows 64 MB.
+DEFAULT_BUDGET_BYTES = 64 * 2**20
+# "lean" promises at most 1.1 × the gradients: its scratch is also held to 1/16 of them (small heads),
+# but never below this, so that chunks stay wide enough for the GEMMs to run at speed.
+LEAN_MIN_BUDGET_BYTES = 2**20
+
 
 @dataclass(frozen=True)
 class LogpsOptions:
     """Options shared by every backend.
 
-    ``block_*`` size the Triton tiles (powers of two, at least 16); ``memory_budget_mb`` bounds the
-    temporaries of the torch backend (logits chunk, upcast weight chunk); ``chunk_tokens`` /
-    ``chunk_vocab`` override the chunk sizes it derives from the budget.
+    Memory of the backward (SPEC §2):
+
+    * ``memory="fast"`` (default): 4 GEMM units for forward + backward. One float32 accumulator, for ``dH``
+      (vocabulary-chunk outer) or for ``dW`` (token-chunk outer), whichever is smaller: peak ≈ gradients +
+      ``4·min(N, V)·H`` + ``memory_budget_mb``.
+    * ``memory="lean"``: 5 GEMM units. One pass for ``dW`` (vocabulary-chunk outer, each chunk one GEMM over all
+      tokens written once in the weight's dtype) and one for ``dH`` (token-chunk outer, a float32 accumulator
+      per token chunk only): peak ≈ gradients + ``memory_budget_mb`` (≤ 1.1 × the gradients).
+
+    ``memory_budget_mb`` bounds that scratch (default 64 MB; in ``lean`` also at most 1/16 of the gradients)
+    and the torch backend's forward temporaries; ``chunk_tokens`` / ``chunk_vocab`` override the chunk sizes
+    derived from it. ``fwd_*`` / ``bwd_*`` size the Triton tiles of the forward kernel and of the backward's
+    ``dz`` kernel (powers of two, at least 16).
     """
 
     softcap: float | None = None
+    memory: MemoryMode = "fast"
     fwd_block_m: int = 64
     fwd_block_n: int = 128
     fwd_block_k: int = 64
-    bwd_block_m: int = 64
+    bwd_block_m: int = 128
     bwd_block_n: int = 128
     bwd_block_k: int = 64
     group_m: int = 8
@@ -34,7 +56,6 @@ class LogpsOptions:
     memory_budget_mb: float | None = None
     chunk_tokens: int | None = None
     chunk_vocab: int | None = None
-    bwd_vocab_chunk: int | None = None
     filter_eps: float | str | None = None
     use_extension: bool = True
 
@@ -43,7 +64,9 @@ class LogpsOptions:
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {v}")
-        for name in ("chunk_tokens", "chunk_vocab", "bwd_vocab_chunk"):
+        if self.memory not in MEMORY_MODES:
+            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {self.memory!r}")
+        for name in ("chunk_tokens", "chunk_vocab"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be a positive integer or None, got {v}")
@@ -54,16 +77,13 @@ class LogpsOptions:
         if self.memory_budget_mb is not None and not self.memory_budget_mb > 0:
             raise ValueError(f"memory_budget_mb must be positive, got {self.memory_budget_mb}")
 
-    def torch_budget_bytes(self, vocab: int, hdim: int) -> int:
+    def budget_bytes(self, gradient_bytes: int | None = None) -> int:
+        """Scratch budget in bytes. ``gradient_bytes`` (dH + dW) caps the lean mode's default."""
         if self.memory_budget_mb is not None:
             return int(self.memory_budget_mb * 2**20)
-        return max(16 * 2**20, vocab * hdim * 4 // 8)
-
-    def bwd_vocab_rows(self, vocab: int, hdim: int) -> int:
-        """Rows per backward launch, a multiple of ``bwd_block_n``."""
-        rows = self.bwd_vocab_chunk or max(64 * 2**20 // (4 * hdim), vocab // 8)
-        rows = -(-rows // self.bwd_block_n) * self.bwd_block_n
-        return min(rows, -(-vocab // self.bwd_block_n) * self.bwd_block_n)
+        if self.memory == "lean" and gradient_bytes:
+            return max(LEAN_MIN_BUDGET_BYTES, min(DEFAULT_BUDGET_BYTES, gradient_bytes // 16))
+        return DEFAULT_BUDGET_BYTES
 
     def filter_threshold(self, dtype: torch.dtype) -> float | None:
         """The backward skip threshold for inputs of ``dtype`` (None: no skipping)."""

@@ -1,17 +1,15 @@
-"""Plain-torch backend: the fused math chunked over tokens and vocabulary under a memory budget.
+"""Plain-torch backend, and the pieces ``backend="cublas"`` shares with it: GEMM logits + an epilogue.
 
-Nothing of size ``tokens × V`` is allocated: the forward keeps an online log-sum-exp per token across
-vocabulary chunks, and the backward recomputes each ``[chunk_tokens, chunk_vocab]`` logit block, turns it
-into ``dz = g · (onehot − softmax)`` (times the soft-cap derivative) and folds it into ``dH`` and ``dW``
-at once. Only live tokens (label != ignore_index) are visited, which skips prompts and padding.
+Nothing of size ``tokens × V`` is allocated. The forward computes float32 logit blocks of live tokens
+(label != ignore_index) by GEMM (:func:`.gemm.mm_into`: float32 accumulation, logits never rounded below float32)
+and folds them into an online log-sum-exp per token. The backward is the chunked driver of chunked_backward.py
+with :class:`EpilogueGradLogits` as its ``dz`` producer: each chunk's float32 logits by GEMM, then the epilogue
+turns them into ``dz`` in place.
 
-The loops run vocabulary-outer so that each ``dW`` chunk is accumulated in float32 over every token and
-written once in the weight's dtype; ``dH`` is accumulated in one float32 ``[N, H]`` buffer (returned as is
-for float32 inputs, cast once otherwise).
-
-The same loops serve two backends: ``torch`` (float32 GEMMs on upcast chunks, with the compiled CPU epilogue
-when it is built, else plain torch) and ``cublas`` (GEMMs in the input dtype with float32 output through
-cuBLAS, and the CUDA epilogue; see cublas_chunked.py).
+Three interchangeable epilogues: plain torch (any device), the C++/OpenMP extension (CPU) and the CUDA extension
+(``backend="cublas"``, which also writes ``dz`` once in the input dtype for the gradient GEMMs). The torch
+backend keeps ``dz`` in float32 (its role: exact on any device, the readable twin of the kernels); cublas rounds
+it to the input dtype, as the tensor-core GEMMs that consume it must.
 
 Backend contract (shared with the Triton backend): ``targets`` is ``[N]`` int64 with ``-1`` for dead
 tokens; ``forward`` returns float32 ``(token_logps [N], lse [N])`` whose dead-token entries are
@@ -24,21 +22,29 @@ from __future__ import annotations
 import torch
 
 from ... import _extension
+from .chunked_backward import chunked_backward
+from .gemm import exact_matmul, mm_into
 from .options import LogpsOptions
+
+EPILOGUE_BLOCK_BYTES = 4 * 2**20  # row blocks of the plain-torch epilogue's temporaries
 
 
 def _chunk_sizes(n_live: int, vocab: int, hdim: int, opts: LogpsOptions) -> tuple[int, int]:
-    budget = opts.torch_budget_bytes(vocab, hdim)
+    """Forward blocks: an upcast weight chunk in half the budget, the float32 logit block and its epilogue
+    temporaries (three per element) in the other half."""
+    budget = opts.budget_bytes()
     vc = opts.chunk_vocab or max(128, int(budget / 2 / (4 * hdim)))
     vc = min(vc, vocab)
-    # z, p/dz and one temporary per element of the logit block, all float32.
     tc = opts.chunk_tokens or max(16, int(budget / 2 / (vc * 4 * 3)))
     return max(1, min(tc, max(n_live, 1))), vc
 
 
 # ----------------------------------------------------------------------------------------------- epilogues
-# What happens to a float32 logits chunk once the GEMM has produced it. Three interchangeable versions:
-# plain torch (any device), the C++/OpenMP extension (CPU) and the CUDA extension (backend="cublas").
+
+
+def _row_blocks(n: int, v: int):
+    rows = max(1, EPILOGUE_BLOCK_BYTES // (4 * max(v, 1)))
+    return ((r0, min(r0 + rows, n)) for r0 in range(0, n, rows))
 
 
 class TorchEpilogue:
@@ -56,16 +62,23 @@ class TorchEpilogue:
 
     @staticmethod
     def grad_logits(z, t, vs, softcap, lse, g):
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
-        ve = vs + z.shape[1]
-        dz = torch.exp(z - lse[:, None]).mul_(-g[:, None])
-        inside = (t >= vs) & (t < ve)
-        col = (t - vs).clamp(0, ve - vs - 1)[:, None]
-        dz.scatter_add_(1, col, torch.where(inside, g, torch.zeros_like(g))[:, None])
-        if softcap is not None:
-            dz.mul_(1.0 - (z / softcap) ** 2)
-        return dz
+        """In place: ``z ← g·(onehot − exp(zc − lse))·(1 − (zc/c)²)``, ``zc`` the soft-capped logits. Temporaries
+        are row blocks of at most EPILOGUE_BLOCK_BYTES."""
+        n, v = z.shape
+        for r0, r1 in _row_blocks(n, v):
+            zb, tb, gb, lb = z[r0:r1], t[r0:r1], g[r0:r1], lse[r0:r1]
+            inside = (tb >= vs) & (tb < vs + v)
+            col = (tb - vs).clamp(0, v - 1)[:, None]
+            if softcap is None:
+                zb.sub_(lb[:, None]).exp_().mul_(-gb[:, None])
+                hit = gb
+            else:
+                th = torch.tanh(zb / softcap)
+                deriv = 1.0 - th * th
+                zb.copy_(torch.exp(th * softcap - lb[:, None]).mul_(deriv).mul_(-gb[:, None]))
+                hit = gb * deriv.gather(1, col).squeeze(1)
+            zb.scatter_add_(1, col, torch.where(inside, hit, torch.zeros_like(hit))[:, None])
+        return z
 
 
 class ExtensionEpilogue:
@@ -80,44 +93,18 @@ def pick_epilogue(device: torch.device, opts: LogpsOptions):
     return TorchEpilogue
 
 
-# ----------------------------------------------------------------------------------------------- GEMMs
+# ----------------------------------------------------------------------------------------------- forward
 
 
-class UpcastGemm:
-    """torch backend: float32 GEMMs on upcast chunks (exact on any device)."""
-
-    @staticmethod
-    def mm(a, b):
-        return a.float() @ b.float()
-
-    @staticmethod
-    def operand(dz, dtype):
-        return dz
-
-
-class NativeGemm:
-    """cublas backend: GEMMs in the input dtype with float32 output (fp32 accumulation, z never rounded);
-    dz is rounded to the input dtype for the two gradient GEMMs, as a bf16 GEMM would see it."""
-
-    @staticmethod
-    def mm(a, b):
-        if a.dtype == torch.float32:
-            return a @ b
-        return torch.mm(a, b, out_dtype=torch.float32)
-
-    @staticmethod
-    def operand(dz, dtype):
-        return dz.to(dtype)
-
-
-def _logit_block(hc, wc, bc, gemm):
-    z = gemm.mm(hc, wc.T)
+def _logit_block(hc, wc, bc):
+    z = torch.empty(hc.shape[0], wc.shape[0], dtype=torch.float32, device=hc.device)
+    mm_into(z, hc, wc.T)
     if bc is not None:
         z += bc.float()
     return z
 
 
-def forward(hidden2d, weight, bias, targets, opts: LogpsOptions, *, epilogue=None, gemm=UpcastGemm):
+def forward(hidden2d, weight, bias, targets, opts: LogpsOptions, *, epilogue=None):
     n_tok, hdim = hidden2d.shape
     vocab = weight.shape[0]
     epilogue = epilogue or pick_epilogue(hidden2d.device, opts)
@@ -128,15 +115,16 @@ def forward(hidden2d, weight, bias, targets, opts: LogpsOptions, *, epilogue=Non
     s = torch.zeros(n_live, device=hidden2d.device)
     tz = torch.zeros(n_live, device=hidden2d.device)
     tc, vc = _chunk_sizes(n_live, vocab, hdim, opts)
-    for vs in range(0, vocab, vc):
-        ve = min(vs + vc, vocab)
-        wc = weight[vs:ve]
-        bc = bias[vs:ve] if bias is not None else None
-        for ts in range(0, n_live, tc):
-            te = min(ts + tc, n_live)
-            hc = hidden2d.index_select(0, live_idx[ts:te])
-            z = _logit_block(hc, wc, bc, gemm)
-            epilogue.lse_update(z, tgt[ts:te], vs, opts.softcap, m[ts:te], s[ts:te], tz[ts:te])
+    with exact_matmul(hidden2d.device):
+        for vs in range(0, vocab, vc):
+            ve = min(vs + vc, vocab)
+            wc = weight[vs:ve]
+            bc = bias[vs:ve] if bias is not None else None
+            for ts in range(0, n_live, tc):
+                te = min(ts + tc, n_live)
+                hc = hidden2d.index_select(0, live_idx[ts:te])
+                z = _logit_block(hc, wc, bc)
+                epilogue.lse_update(z, tgt[ts:te], vs, opts.softcap, m[ts:te], s[ts:te], tz[ts:te])
     lse_live = m + torch.log(s)
     lse = torch.zeros(n_tok, device=hidden2d.device)
     token_logps = torch.zeros(n_tok, device=hidden2d.device)
@@ -145,43 +133,36 @@ def forward(hidden2d, weight, bias, targets, opts: LogpsOptions, *, epilogue=Non
     return token_logps, lse
 
 
+# ----------------------------------------------------------------------------------------------- backward
+
+
+class EpilogueGradLogits:
+    """``dz`` producer: float32 logits of the chunk by GEMM, then ``epilogue.grad_logits`` in place.
+
+    With ``dz_dtype`` float32 the logits are computed straight into ``dz``; otherwise (cublas, half inputs) into
+    a float32 scratch chunk, and the CUDA epilogue writes ``dz`` from it once in ``dz_dtype``.
+    """
+
+    def __init__(self, weight, bias, opts: LogpsOptions, epilogue, dz_dtype: torch.dtype):
+        self.weight, self.bias, self.opts, self.epilogue = weight, bias, opts, epilogue
+        self.dz_dtype = dz_dtype
+        self.scratch_dtype = None if dz_dtype == torch.float32 else torch.float32
+        self.bytes_per_element = 4 + (dz_dtype.itemsize if self.scratch_dtype is not None else 0)
+
+    def __call__(self, hc, tgt, lse, g, vs, ve, dz, db, scratch):
+        z = dz if scratch is None else scratch.view(dz.shape)
+        mm_into(z, hc, self.weight[vs:ve].T)
+        if self.bias is not None:
+            z += self.bias[vs:ve].float()
+        if scratch is None:
+            self.epilogue.grad_logits(z, tgt, vs, self.opts.softcap, lse, g)
+        else:
+            _extension.grad_logits_to(z, tgt, vs, self.opts.softcap, lse, g, dz, keep=db is not None)
+        if db is not None:
+            db += z.sum(0)
+
+
 def backward(hidden2d, weight, bias, targets, lse, g, opts: LogpsOptions, need_dh, need_dw, need_db, *,
-             epilogue=None, gemm=UpcastGemm):
-    n_tok, hdim = hidden2d.shape
-    vocab = weight.shape[0]
-    epilogue = epilogue or pick_epilogue(hidden2d.device, opts)
-    live_idx = (targets >= 0).nonzero().squeeze(1)
-    n_live = live_idx.numel()
-    tgt = targets.index_select(0, live_idx)
-    g_live = g.index_select(0, live_idx).float()
-    lse_live = lse.index_select(0, live_idx)
-    dh = torch.zeros(n_tok, hdim, device=hidden2d.device) if need_dh else None
-    dw = torch.empty_like(weight) if need_dw else None
-    db = torch.empty(vocab, device=weight.device) if need_db else None
-    tc, vc = _chunk_sizes(n_live, vocab, hdim, opts)
-    for vs in range(0, vocab, vc):
-        ve = min(vs + vc, vocab)
-        wc = weight[vs:ve]
-        bc = bias[vs:ve] if bias is not None else None
-        dwc = torch.zeros(ve - vs, hdim, device=weight.device) if need_dw else None
-        dbc = torch.zeros(ve - vs, device=weight.device) if need_db else None
-        for ts in range(0, n_live, tc):
-            te = min(ts + tc, n_live)
-            idx = live_idx[ts:te]
-            hc = hidden2d.index_select(0, idx)
-            z = _logit_block(hc, wc, bc, gemm)
-            dz = epilogue.grad_logits(z, tgt[ts:te], vs, opts.softcap, lse_live[ts:te], g_live[ts:te])
-            dz_op = gemm.operand(dz, wc.dtype)
-            if need_dh:
-                dh.index_add_(0, idx, gemm.mm(dz_op, wc))
-            if need_dw:
-                dwc += gemm.mm(dz_op.T, hc)
-            if need_db:
-                dbc += dz.sum(0)
-        if need_dw:
-            dw[vs:ve] = dwc.to(weight.dtype)
-        if need_db:
-            db[vs:ve] = dbc
-    if need_dh and dh.dtype != hidden2d.dtype:
-        dh = dh.to(hidden2d.dtype)
-    return dh, dw, db
+             epilogue=None, dz_dtype: torch.dtype = torch.float32):
+    producer = EpilogueGradLogits(weight, bias, opts, epilogue or pick_epilogue(hidden2d.device, opts), dz_dtype)
+    return chunked_backward(hidden2d, weight, bias, targets, lse, g, opts, need_dh, need_dw, need_db, producer)

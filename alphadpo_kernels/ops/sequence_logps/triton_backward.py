@@ -1,143 +1,25 @@
-"""Backward kernel: recompute each logit tile, form dz on the fly, fold it into dH, dW and dbias.
+"""``backend="triton"`` backward: the chunked GEMM driver with the Triton ``dz`` kernel as its producer.
 
-The launcher walks the vocabulary in chunks of ``bwd_vocab_chunk`` rows, one launch each, so that the
-float32 ``dW`` accumulator is one chunk, cast into the weight's dtype before the next launch; ``dH`` is
-one float32 ``[N, H]`` buffer across launches. Within a launch the grid is (token blocks × vocabulary
-tiles), visited in L2-friendly groups of ``GROUP_M`` token blocks.
-Program (m, n) recomputes the float32 logit tile ``z`` from the saved per-token ``lse`` and forms
-
-    dz = g_tok · (onehot(y) − exp(z − lse))          (× (1 − tanh²(z/c)) with a soft-cap)
-
-in registers, then for each ``BLOCK_K`` slice of H adds ``dz · W[n, k]`` into ``dH[m, k]`` and
-``dzᵀ · H[m, k]`` into ``dW[n, k]``. Both targets are float32 buffers updated with atomic adds (no locks);
-the caller casts them to the input dtype. ``dz`` is rounded to the input dtype before the two products,
-as a bf16 GEMM would see it. Token blocks whose upstream gradient is all zero (prompt, padding) return
-at once, and the work for a gradient that is not needed (frozen head, frozen hidden) is compiled out.
-
-Tile skipping (``FILTER``, opt-in through ``LogpsOptions.filter_eps``): when every softmax entry of the tile
-is below ``filter_eps`` and no live token's target falls in it, the program stops after the recompute and
-skips the dH / dW / dbias products (two of the backward's three GEMM units for that tile). Each skipped
-entry is below the threshold, but their sum over a long vocabulary tail is not bounded, hence opt-in.
+Per vocabulary chunk the Triton kernel (triton_grad_logits.py) recomputes the logits with tensor cores and writes
+``dz`` once in the input dtype; cuBLAS then forms ``dW[vs:ve] = dzᵀ·H`` and ``dH += dz·W[vs:ve]`` with float32
+accumulation (chunked_backward.py, ``LogpsOptions.memory`` picks the plan). Opt-in tile skipping
+(``filter_eps``) is the one exception: it runs the atomic kernel of triton_skip_backward.py.
 """
 
 from __future__ import annotations
 
-import torch
-import triton
-import triton.language as tl
-
+from .chunked_backward import chunked_backward
 from .options import LogpsOptions
-from .triton_common import check_triton_device, dot, dot_flags, logit_tile
+from .triton_common import check_triton_device
+from .triton_grad_logits import TritonGradLogits
+from .triton_skip_backward import skip_backward
 
 
-@triton.jit
-def _sequence_logps_bwd_kernel(
-    h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr, skip_count_ptr,
-    N, V, V_OFFSET, H, stride_hn, stride_hk, stride_wv, stride_wk, softcap, filter_eps,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr, COUNT_SKIPS: tl.constexpr,
-    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-):
-    # Grouped ordering: GROUP_M token blocks sweep the vocabulary together, so each W tile is read from
-    # L2 by several programs in a row.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(N, BLOCK_M)
-    num_n = tl.cdiv(V, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_n)) // group_size
-
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < N
-    g = tl.load(g_ptr + offs_m, mask=row_ok, other=0.0)
-    if tl.max(tl.abs(g), axis=0) == 0.0:  # no gradient reaches these tokens
-        return
-    tgt = tl.load(tgt_ptr + offs_m, mask=row_ok, other=-1)
-    # Dead rows of a live block (prompt, padding) are treated as absent: never read, so garbage hidden
-    # states there (NaN, inf) cannot reach dz, dH or dW.
-    live = row_ok & (tgt >= 0)
-    lse = tl.load(lse_ptr + offs_m, mask=live, other=0.0)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < V
-
-    z = logit_tile(h_ptr, w_ptr, b_ptr, offs_m, live, offs_n, col_ok, H,
-                   stride_hn, stride_hk, stride_wv, stride_wk, softcap,
-                   HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
-    p = tl.exp(z - lse[:, None])  # 0 in columns past V (z = -inf)
-    is_target = (offs_n + V_OFFSET)[None, :] == tgt[:, None]
-    if FILTER:
-        p_max = tl.max(tl.max(tl.where(live[:, None], p, 0.0), axis=1), axis=0)
-        n_targets = tl.sum(tl.sum(is_target.to(tl.int32), axis=1), axis=0)
-        if (p_max < filter_eps) & (n_targets == 0):
-            if COUNT_SKIPS:
-                tl.atomic_add(skip_count_ptr, 1)
-            return
-    onehot = is_target.to(tl.float32)
-    dz = g[:, None] * (onehot - p)
-    if HAS_SOFTCAP:
-        zc = tl.where(col_ok[None, :], z / softcap, 0.0)
-        dz = dz * (1.0 - zc * zc)
-    dz = tl.where(live[:, None] & col_ok[None, :], dz, 0.0)
-    if NEED_DB:
-        tl.atomic_add(db_ptr + offs_n, tl.sum(dz, axis=0), mask=col_ok)
-    dz_in = dz.to(h_ptr.dtype.element_ty)
-    for k0 in range(0, H, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < H
-        if NEED_DH:
-            w = tl.load(w_ptr + offs_n[:, None] * stride_wv + offs_k[None, :] * stride_wk,
-                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            dh = dot(dz_in, w, tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32), DOT_PRECISION, UPCAST_DOT)
-            tl.atomic_add(dh_ptr + offs_m[:, None] * H + offs_k[None, :], dh,
-                          mask=row_ok[:, None] & k_ok[None, :])
-        if NEED_DW:
-            h = tl.load(h_ptr + offs_m[:, None] * stride_hn + offs_k[None, :] * stride_hk,
-                        mask=live[:, None] & k_ok[None, :], other=0.0)
-            dw = dot(tl.trans(dz_in), h, tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32), DOT_PRECISION, UPCAST_DOT)
-            tl.atomic_add(dw_ptr + offs_n[:, None] * H + offs_k[None, :], dw,
-                          mask=col_ok[:, None] & k_ok[None, :])
-
-
-def backward(hidden2d, weight, bias, targets, lse, g, opts: LogpsOptions, need_dh, need_dw, need_db, *,
-             skip_count: torch.Tensor | None = None):
+def backward(hidden2d, weight, bias, targets, lse, g, opts: LogpsOptions, need_dh, need_dw, need_db):
     """Returns ``(dH [N, H] in hidden's dtype, dW [V, H] in weight's dtype, db [V] float32)``, None where
-    not needed. ``skip_count`` (an int32 ``[1]`` tensor) counts the tiles skipped by filtering."""
+    not needed."""
     check_triton_device(hidden2d)
-    n_tok, hdim = hidden2d.shape
-    vocab = weight.shape[0]
-    dev = hidden2d.device
-    g = g.float().contiguous()
-    dh = torch.zeros(n_tok, hdim, dtype=torch.float32, device=dev) if need_dh else None
-    dw = torch.empty_like(weight) if need_dw else None
-    db = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_db else None
-    chunk = opts.bwd_vocab_rows(vocab, hdim)
-    dw_acc = torch.empty(min(chunk, vocab), hdim, dtype=torch.float32, device=dev) if need_dw else None
-    flags = dot_flags(hidden2d.dtype, dev)
-    eps = opts.filter_threshold(hidden2d.dtype)
-    for vs in range(0, vocab, chunk):
-        ve = min(vs + chunk, vocab)
-        w_c = weight[vs:ve]
-        if need_dw:
-            acc = dw_acc[: ve - vs]
-            acc.zero_()
-        grid = (triton.cdiv(n_tok, opts.bwd_block_m) * triton.cdiv(ve - vs, opts.bwd_block_n),)
-        _sequence_logps_bwd_kernel[grid](
-            hidden2d, w_c, bias[vs:ve] if bias is not None else w_c, targets, lse, g,
-            dh if need_dh else lse, acc if need_dw else lse, db[vs:ve] if need_db else lse,
-            skip_count if skip_count is not None else targets,
-            n_tok, ve - vs, vs, hdim, hidden2d.stride(0), hidden2d.stride(1), weight.stride(0), weight.stride(1),
-            float(opts.softcap or 1.0), float(eps or 0.0),
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None,
-            FILTER=eps is not None, COUNT_SKIPS=skip_count is not None,
-            NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
-            BLOCK_M=opts.bwd_block_m, BLOCK_N=opts.bwd_block_n, BLOCK_K=opts.bwd_block_k, GROUP_M=opts.group_m,
-            **flags, num_warps=opts.num_warps, num_stages=opts.num_stages,
-        )
-        if need_dw:
-            dw[vs:ve].copy_(acc)
-    if need_dh and dh.dtype != hidden2d.dtype:
-        dh = dh.to(hidden2d.dtype)
-    return dh, dw, db
+    if opts.filter_threshold(hidden2d.dtype) is not None:
+        return skip_backward(hidden2d, weight, bias, targets, lse, g, opts, need_dh, need_dw, need_db)
+    producer = TritonGradLogits(weight, bias, opts, hidden2d.dtype)
+    return chunked_backward(hidden2d, weight, bias, targets, lse, g, opts, need_dh, need_dw, need_db, producer)

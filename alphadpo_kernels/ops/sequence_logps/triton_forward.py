@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .instrument import record_gemm
 from .options import LogpsOptions
 from .triton_common import check_triton_device, dot_flags, logit_tile
 
@@ -64,6 +65,7 @@ def forward(hidden2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if token_logps is None:
         token_logps = torch.empty(n_tok, dtype=torch.float32, device=hidden2d.device)
     grid = (triton.cdiv(n_tok, opts.fwd_block_m),)
+    record_gemm("triton:forward", n_tok, vocab, hdim)  # token blocks with no live label return at once
     _sequence_logps_fwd_kernel[grid](
         hidden2d, weight, bias if bias is not None else weight, targets, lse, token_logps,
         n_tok, vocab, hdim, hidden2d.stride(0), hidden2d.stride(1), weight.stride(0), weight.stride(1),

@@ -1,0 +1,110 @@
+"""The two GEMM shapes of the chunked backward, always with float32 accumulation inside the GEMM.
+
+* :func:`mm_into` ``out = a @ b``: one GEMM written once in ``out``'s dtype (the ``dW`` chunk in the weight's
+  dtype, a ``dH`` row chunk): cuBLAS accumulates in float32 and rounds once.
+* :func:`addmm_f32` ``acc (+)= a @ b`` with a float32 ``acc`` and half-precision (or float32) operands: on CUDA
+  ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` (torch ≥ 2.8), so partial sums across chunks are
+  never rounded to bf16 (that rounding biases training: TRL's kernel notes entropy drifting within dozens of
+  steps).
+
+Where a kernel for a dtype combination is missing (the CPU has no ``out_dtype`` GEMMs; the torch backend
+keeps ``dz`` in float32 beside bf16 operands; an older torch), the same product is formed from upcast blocks
+of at most :data:`UPCAST_BLOCK_BYTES`: bf16 / fp16 products are exact in float32, so the result is the same up
+to the order of the float32 sums.
+
+:func:`exact_matmul` scopes cuBLAS settings that would make these GEMMs inexact: TF32 for float32 inputs and
+reduced-precision split-K reductions for bf16 / fp16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+from .instrument import record_gemm
+
+UPCAST_BLOCK_BYTES = 4 * 2**20
+
+
+@functools.cache
+def _cuda_has(kind: str) -> bool:
+    """Whether this torch has the CUDA ``out_dtype`` kernel ``kind`` (probed once on tiny tensors)."""
+    try:
+        a = torch.ones(2, 2, device="cuda", dtype=torch.bfloat16)
+        acc = torch.zeros(2, 2, device="cuda", dtype=torch.float32)
+        if kind == "mm":
+            torch.mm(a, a, out_dtype=torch.float32, out=acc)
+        else:  # torch 2.8 insisted on a bf16 `self`; later versions take the float32 accumulator
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        return bool(acc[0, 0] == 2.0)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def _native_f32_out(a: torch.Tensor, b: torch.Tensor, kind: str) -> bool:
+    return a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) and _cuda_has(kind)
+
+
+def _upcast_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """``out (+)= a @ b`` from float32 copies of row blocks of ``a`` and column blocks of ``b``."""
+    m, k = a.shape
+    n = b.shape[1]
+    rows = max(1, min(m, UPCAST_BLOCK_BYTES // (4 * max(k, 1))))
+    cols = max(1, min(n, UPCAST_BLOCK_BYTES // (4 * max(k, 1))))
+    for c0 in range(0, n, cols):
+        b_blk = b[:, c0:c0 + cols].float()
+        for r0 in range(0, m, rows):
+            a_blk = a[r0:r0 + rows].float()
+            dst = out[r0:r0 + rows, c0:c0 + cols]
+            if accumulate:  # only float32 accumulators are ever accumulated into
+                dst.addmm_(a_blk, b_blk)
+            elif dst.dtype == torch.float32:
+                torch.mm(a_blk, b_blk, out=dst)
+            else:
+                dst.copy_(a_blk @ b_blk)
+
+
+def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``out = a @ b`` with float32 accumulation, rounded once into ``out``'s dtype."""
+    record_gemm("mm", a.shape[0], b.shape[1], a.shape[1])
+    if a.dtype == b.dtype == out.dtype:
+        return torch.mm(a, b, out=out)
+    if out.dtype == torch.float32 and _native_f32_out(a, b, "mm"):
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    _upcast_into(out, a, b, accumulate=False)
+    return out
+
+
+def addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc += a @ b`` for a float32 ``acc``, products and sums in float32."""
+    record_gemm("addmm", a.shape[0], b.shape[1], a.shape[1])
+    if a.dtype == b.dtype == torch.float32:
+        return acc.addmm_(a, b)
+    if _native_f32_out(a, b, "addmm"):
+        return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    if _native_f32_out(a, b, "mm"):  # torch 2.8: float32 product per row block, then an add
+        rows = max(1, min(a.shape[0], UPCAST_BLOCK_BYTES // (4 * max(b.shape[1], 1))))
+        for r0 in range(0, a.shape[0], rows):
+            acc[r0:r0 + rows] += torch.mm(a[r0:r0 + rows], b, out_dtype=torch.float32)
+        return acc
+    _upcast_into(acc, a, b, accumulate=True)
+    return acc
+
+
+@contextlib.contextmanager
+def exact_matmul(device: torch.device):
+    """cuBLAS without TF32 and without reduced-precision split-K reductions for the enclosed GEMMs."""
+    if device.type != "cuda":
+        yield
+        return
+    m = torch.backends.cuda.matmul
+    saved = (m.allow_tf32, m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction)
+    try:
+        m.allow_tf32 = False
+        m.allow_bf16_reduced_precision_reduction = False
+        m.allow_fp16_reduced_precision_reduction = False
+        yield
+    finally:
+        m.allow_tf32, m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction = saved
