@@ -136,8 +136,9 @@ def fused_sequence_logps(
             uses the compiled CPU epilogue when built), ``"cublas"`` (CUDA: cuBLAS GEMMs + the compiled CUDA
             epilogue) or ``"auto"`` (Triton on CUDA, else cublas when built, torch otherwise).
         check_values: check label range and that every row has a live label (costs a host sync).
-        options: block sizes and the torch backend's memory budget (:class:`LogpsOptions`). With None the
-            Triton backend uses the cached ``tuning.autotune`` result for this card and shape, if any.
+        options: memory mode (``memory="fast"`` or ``"lean"``), scratch budget, Triton block sizes
+            (:class:`LogpsOptions`). Block sizes left at None come from the autotune cache for this card and
+            shape, else from the architecture's starting point.
 
     Returns:
         ``[rows]`` float32 log-probs.
@@ -148,10 +149,6 @@ def fused_sequence_logps(
         raise TypeError("hidden must be float32, bfloat16 or float16 for the fused op; float64 is for "
                         "reference_sequence_logps")
     backend = resolve_backend(backend, hidden.device)
-    if options is None and backend == "triton":
-        from .tuning import default_options  # cached autotune result, else the architecture's start
-
-        options = default_options(hidden.device, hidden.dtype, hidden.shape[-1], weight.shape[0])
     # Mixed precision: under autocast the decoder hands back bf16/fp16 hidden states while the head stays in
     # float32 (master weights). Cast the head to the hidden states' dtype, as autocast does for the plain LM head;
     # autograd takes the gradient back through the cast to the float32 parameter.
@@ -162,6 +159,10 @@ def fused_sequence_logps(
     opts = options or LogpsOptions()
     if opts.softcap != softcap:
         opts = dataclasses.replace(opts, softcap=softcap)
+    if backend == "triton":  # block sizes left at None: the autotune cache for this card, else the arch start
+        from .tuning import resolve_blocks
+
+        opts = resolve_blocks(opts, hidden.device, hidden.dtype, hidden.shape[-1], weight.shape[0])
     if shift:
         labels = shift_labels(labels, ignore_index)
     targets = torch.where(labels == ignore_index, -1, labels.long())

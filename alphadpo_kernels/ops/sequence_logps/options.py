@@ -23,6 +23,10 @@ DEFAULT_BUDGET_BYTES = 64 * 2**20
 LEAN_MIN_BUDGET_BYTES = 2**20
 
 
+BLOCK_FIELDS = ("fwd_block_m", "fwd_block_n", "fwd_block_k", "bwd_block_m", "bwd_block_n", "bwd_block_k",
+                "num_warps", "num_stages")
+
+
 @dataclass(frozen=True)
 class LogpsOptions:
     """Options shared by every backend.
@@ -38,21 +42,25 @@ class LogpsOptions:
 
     ``memory_budget_mb`` bounds that scratch (default 64 MB; in ``lean`` also at most 1/16 of the gradients)
     and the torch backend's forward temporaries; ``chunk_tokens`` / ``chunk_vocab`` override the chunk sizes
-    derived from it. ``fwd_*`` / ``bwd_*`` size the Triton tiles of the forward kernel and of the backward's
-    ``dz`` kernel (powers of two, at least 16).
+    derived from it.
+
+    ``fwd_*`` / ``bwd_*`` size the Triton tiles of the forward kernel and of the backward's ``dz`` kernel (powers
+    of two, at least 16), with ``num_warps`` / ``num_stages``. Left at None they come from
+    ``benchmarks/autotune.py``'s cache for this card and shape, else from the architecture's compile-checked
+    starting point (``tuning.ARCH_DEFAULTS``).
     """
 
     softcap: float | None = None
     memory: MemoryMode = "fast"
-    fwd_block_m: int = 64
-    fwd_block_n: int = 128
-    fwd_block_k: int = 64
-    bwd_block_m: int = 128
-    bwd_block_n: int = 128
-    bwd_block_k: int = 64
+    fwd_block_m: int | None = None
+    fwd_block_n: int | None = None
+    fwd_block_k: int | None = None
+    bwd_block_m: int | None = None
+    bwd_block_n: int | None = None
+    bwd_block_k: int | None = None
     group_m: int = 8
-    num_warps: int = 8
-    num_stages: int = 3
+    num_warps: int | None = None
+    num_stages: int | None = None
     memory_budget_mb: float | None = None
     chunk_tokens: int | None = None
     chunk_vocab: int | None = None
@@ -60,10 +68,14 @@ class LogpsOptions:
     use_extension: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("fwd_block_m", "fwd_block_n", "fwd_block_k", "bwd_block_m", "bwd_block_n", "bwd_block_k"):
+        for name in BLOCK_FIELDS[:6]:
             v = getattr(self, name)
-            if v < 16 or v & (v - 1):
+            if v is not None and (v < 16 or v & (v - 1)):
                 raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {v}")
+        for name in ("num_warps", "num_stages", "group_m"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be a positive integer or None, got {v}")
         if self.memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {MEMORY_MODES}, got {self.memory!r}")
         for name in ("chunk_tokens", "chunk_vocab"):
@@ -84,6 +96,10 @@ class LogpsOptions:
         if self.memory == "lean" and gradient_bytes:
             return max(LEAN_MIN_BUDGET_BYTES, min(DEFAULT_BUDGET_BYTES, gradient_bytes // 16))
         return DEFAULT_BUDGET_BYTES
+
+    @property
+    def blocks_resolved(self) -> bool:
+        return all(getattr(self, name) is not None for name in BLOCK_FIELDS)
 
     def filter_threshold(self, dtype: torch.dtype) -> float | None:
         """The backward skip threshold for inputs of ``dtype`` (None: no skipping)."""

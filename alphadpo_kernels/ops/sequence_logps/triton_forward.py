@@ -17,6 +17,7 @@ import triton.language as tl
 from .instrument import record_gemm
 from .options import LogpsOptions
 from .triton_common import check_triton_device, dot_flags, logit_tile
+from .tuning import resolve_blocks
 
 
 @triton.jit
@@ -60,6 +61,7 @@ def forward(hidden2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     check_triton_device(hidden2d)
     n_tok, hdim = hidden2d.shape
     vocab = weight.shape[0]
+    opts = resolve_blocks(opts, hidden2d.device, hidden2d.dtype, hdim, vocab)
     if lse is None:
         lse = torch.empty(n_tok, dtype=torch.float32, device=hidden2d.device)
     if token_logps is None:

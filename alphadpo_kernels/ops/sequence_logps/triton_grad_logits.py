@@ -21,6 +21,7 @@ import triton.language as tl
 from .instrument import record_gemm
 from .options import LogpsOptions
 from .triton_common import check_triton_device, dot_flags, logit_tile
+from .tuning import resolve_blocks
 
 
 @triton.jit
@@ -75,6 +76,7 @@ class TritonGradLogits:
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, opts: LogpsOptions, dtype: torch.dtype):
+        opts = resolve_blocks(opts, weight.device, dtype, weight.shape[1], weight.shape[0])
         self.weight, self.bias, self.opts = weight, bias, opts
         self.dz_dtype, self.scratch_dtype = dtype, None
         # bytes per dz element the driver must budget for: dz itself, plus the bias partial sums

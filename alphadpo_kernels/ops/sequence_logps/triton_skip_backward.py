@@ -34,6 +34,7 @@ import triton.language as tl
 from .instrument import record_gemm
 from .options import LogpsOptions
 from .triton_common import check_triton_device, dot, dot_flags, logit_tile
+from .tuning import resolve_blocks
 
 
 @triton.jit
@@ -107,6 +108,14 @@ def _skip_backward_kernel(
                           mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")
 
 
+def skip_tiles(opts: LogpsOptions) -> dict:
+    """This kernel keeps a dz tile live across both gradient products, so its tiles are capped below the dz
+    kernel's: at most 64 tokens × 128 vocabulary entries and three stages (checked by compile_check.py: tensor
+    cores without spills in bf16 / fp16, shared memory within sm_80's limit in every dtype)."""
+    return dict(BLOCK_M=min(opts.bwd_block_m, 64), BLOCK_N=min(opts.bwd_block_n, 128), BLOCK_K=opts.bwd_block_k,
+                GROUP_M=opts.group_m, num_stages=min(opts.num_stages, 3))
+
+
 def skip_backward(hidden2d, weight, bias, targets, lse, g, opts: LogpsOptions, need_dh, need_dw, need_db, *,
              skip_count: torch.Tensor | None = None):
     """Returns ``(dH [N, H] in hidden's dtype, dW [V, H] in weight's dtype, db [V] float32)``, None where
@@ -114,14 +123,17 @@ def skip_backward(hidden2d, weight, bias, targets, lse, g, opts: LogpsOptions, n
     check_triton_device(hidden2d)
     n_tok, hdim = hidden2d.shape
     vocab = weight.shape[0]
+    opts = resolve_blocks(opts, hidden2d.device, hidden2d.dtype, hdim, vocab)
+    tiles = skip_tiles(opts)
     dev = hidden2d.device
     g = g.float().contiguous()
     dh = torch.zeros(n_tok, hdim, dtype=torch.float32, device=dev) if need_dh else None
     dw = torch.empty_like(weight) if need_dw else None
     db = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_db else None
     # rows of the float32 dW chunk: what the budget holds, whole tiles
-    chunk = opts.chunk_vocab or max(opts.bwd_block_n, opts.budget_bytes() // (4 * hdim))
-    chunk = min(-(-chunk // opts.bwd_block_n) * opts.bwd_block_n, -(-vocab // opts.bwd_block_n) * opts.bwd_block_n)
+    bn = tiles["BLOCK_N"]
+    chunk = opts.chunk_vocab or max(bn, opts.budget_bytes() // (4 * hdim))
+    chunk = min(-(-chunk // bn) * bn, -(-vocab // bn) * bn)
     dw_acc = torch.empty(min(chunk, vocab), hdim, dtype=torch.float32, device=dev) if need_dw else None
     flags = dot_flags(hidden2d.dtype, dev)
     eps = opts.filter_threshold(hidden2d.dtype)
@@ -131,7 +143,7 @@ def skip_backward(hidden2d, weight, bias, targets, lse, g, opts: LogpsOptions, n
         if need_dw:
             acc = dw_acc[: ve - vs]
             acc.zero_()
-        grid = (triton.cdiv(n_tok, opts.bwd_block_m) * triton.cdiv(ve - vs, opts.bwd_block_n),)
+        grid = (triton.cdiv(n_tok, tiles["BLOCK_M"]) * triton.cdiv(ve - vs, bn),)
         record_gemm("triton:skip_backward", n_tok, ve - vs, hdim * (1 + need_dh + need_dw))
         _skip_backward_kernel[grid](
             hidden2d, w_c, bias[vs:ve] if bias is not None else w_c, targets, lse, g,
@@ -142,8 +154,7 @@ def skip_backward(hidden2d, weight, bias, targets, lse, g, opts: LogpsOptions, n
             HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None,
             FILTER=eps is not None, COUNT_SKIPS=skip_count is not None,
             NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
-            BLOCK_M=opts.bwd_block_m, BLOCK_N=opts.bwd_block_n, BLOCK_K=opts.bwd_block_k, GROUP_M=opts.group_m,
-            **flags, num_warps=opts.num_warps, num_stages=opts.num_stages,
+            **tiles, **flags, num_warps=opts.num_warps,
         )
         if need_dw:
             dw[vs:ve].copy_(acc)

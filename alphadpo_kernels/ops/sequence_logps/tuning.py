@@ -1,10 +1,13 @@
 """Block-size choice for the Triton kernels: per-architecture starting points, and a small autotuner that
 times candidates on the real device and caches the winner per (card, H, V, dtype).
 
-The starting points are not measured (no GPU has been available to this project yet); ``autotune`` is how
+The starting points were chosen by compiling ahead of time for each architecture
+(``benchmarks/compile_check.py``, no GPU needed): bf16 / fp16 use tensor cores (HMMA on sm_80, wgmma on sm_90)
+with no register spills, plain and with bias + soft-cap. Their speed is not measured yet; ``autotune`` is how
 they get replaced by measured choices, and ``benchmarks/gpu_check.sh`` runs it at the Llama-3 head. The cache
-is a JSON file (``$ALPHADPO_TUNING_CACHE``, default ``~/.cache/alphadpo_kernels/tuning.json``) that
-``fused_sequence_logps`` reads when it is given no options.
+is a JSON file (``$ALPHADPO_TUNING_CACHE``, default ``~/.cache/alphadpo_kernels/tuning.json``). Any block field
+left at None in :class:`LogpsOptions` is filled from the cache, else from the starting point
+(:func:`resolve_blocks`).
 """
 
 from __future__ import annotations
@@ -18,26 +21,28 @@ from typing import Callable, Iterable
 
 import torch
 
-from .options import LogpsOptions
+from .options import BLOCK_FIELDS, LogpsOptions
 
-# Starting points by compute-capability major (8: A100 class, 9: H100/H200). Unmeasured: see module docstring.
+# Starting points by compute-capability major (8: A100 class, 9: H100/H200): compile-checked, speed unmeasured.
 ARCH_DEFAULTS: dict[int, dict] = {
-    8: dict(fwd_block_m=64, fwd_block_n=128, fwd_block_k=64, bwd_block_m=64, bwd_block_n=128, bwd_block_k=64,
-            num_warps=8, num_stages=3),
-    9: dict(fwd_block_m=128, fwd_block_n=128, fwd_block_k=64, bwd_block_m=64, bwd_block_n=128, bwd_block_k=64,
-            num_warps=8, num_stages=3),
+    8: dict(fwd_block_m=128, fwd_block_n=128, fwd_block_k=32, bwd_block_m=128, bwd_block_n=128, bwd_block_k=32,
+            num_warps=8, num_stages=4),
+    9: dict(fwd_block_m=128, fwd_block_n=128, fwd_block_k=64, bwd_block_m=128, bwd_block_n=128, bwd_block_k=64,
+            num_warps=8, num_stages=4),
 }
+# The interpreter (CPU tensors) and unknown architectures start from the sm_80 blocks.
+FALLBACK_MAJOR = 8
 
 CANDIDATES: tuple[dict, ...] = (
-    dict(fwd_block_m=64, fwd_block_n=128, fwd_block_k=64, bwd_block_m=64, bwd_block_n=128, bwd_block_k=64,
+    ARCH_DEFAULTS[9],
+    ARCH_DEFAULTS[8],
+    dict(fwd_block_m=128, fwd_block_n=128, fwd_block_k=64, bwd_block_m=128, bwd_block_n=128, bwd_block_k=64,
          num_warps=8, num_stages=3),
-    dict(fwd_block_m=128, fwd_block_n=128, fwd_block_k=64, bwd_block_m=64, bwd_block_n=128, bwd_block_k=64,
+    dict(fwd_block_m=64, fwd_block_n=256, fwd_block_k=64, bwd_block_m=64, bwd_block_n=256, bwd_block_k=64,
          num_warps=8, num_stages=3),
-    dict(fwd_block_m=128, fwd_block_n=256, fwd_block_k=64, bwd_block_m=128, bwd_block_n=128, bwd_block_k=64,
+    dict(fwd_block_m=64, fwd_block_n=128, fwd_block_k=64, bwd_block_m=128, bwd_block_n=128, bwd_block_k=64,
          num_warps=8, num_stages=3),
-    dict(fwd_block_m=64, fwd_block_n=256, fwd_block_k=32, bwd_block_m=64, bwd_block_n=64, bwd_block_k=64,
-         num_warps=4, num_stages=4),
-    dict(fwd_block_m=128, fwd_block_n=64, fwd_block_k=64, bwd_block_m=128, bwd_block_n=64, bwd_block_k=32,
+    dict(fwd_block_m=128, fwd_block_n=64, fwd_block_k=64, bwd_block_m=128, bwd_block_n=64, bwd_block_k=64,
          num_warps=4, num_stages=3),
 )
 
@@ -74,16 +79,28 @@ def _read(path: str) -> dict:
     return _parse(path, mtime)
 
 
-def default_options(device: torch.device, dtype: torch.dtype, hdim: int, vocab: int,
-                    path: str | None = None) -> LogpsOptions:
+def default_blocks(device: torch.device, dtype: torch.dtype, hdim: int, vocab: int, path: str | None = None) -> dict:
     """A cached autotune result for this card and shape if there is one, else the architecture's start."""
     entry = _read(path or cache_path()).get(cache_key(device, dtype, hdim, vocab))
     if entry:
-        return LogpsOptions(**entry["options"])
-    if device.type == "cuda":
-        major = torch.cuda.get_device_capability(device)[0]
-        return LogpsOptions(**ARCH_DEFAULTS.get(major, ARCH_DEFAULTS[8]))
-    return LogpsOptions()
+        return dict(entry["options"])
+    major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else FALLBACK_MAJOR
+    return dict(ARCH_DEFAULTS.get(major, ARCH_DEFAULTS[FALLBACK_MAJOR]))
+
+
+def default_options(device: torch.device, dtype: torch.dtype, hdim: int, vocab: int,
+                    path: str | None = None) -> LogpsOptions:
+    return LogpsOptions(**default_blocks(device, dtype, hdim, vocab, path))
+
+
+def resolve_blocks(opts: LogpsOptions, device: torch.device, dtype: torch.dtype, hdim: int, vocab: int) -> LogpsOptions:
+    """``opts`` with every block field left at None taken from :func:`default_blocks`; the fields that were set
+    are kept."""
+    if opts.blocks_resolved:
+        return opts
+    fill = {k: v for k, v in default_blocks(device, dtype, hdim, vocab).items()
+            if k in BLOCK_FIELDS and getattr(opts, k) is None}
+    return dataclasses.replace(opts, **fill)
 
 
 def cuda_time_ms(fn: Callable[[], None]) -> float:
