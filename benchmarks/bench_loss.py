@@ -1,13 +1,17 @@
-"""Fused α-DPO loss vs the naive full-logits path (and Liger-Kernel, Cut Cross-Entropy): time and memory.
+"""Fused α-DPO loss vs the naive full-logits path (and Liger-Kernel, Cut Cross-Entropy, TRL): time and memory.
 
     python benchmarks/bench_loss.py                        # small CPU shapes without a GPU; Llama-3-8B head on a GPU
-    python benchmarks/bench_loss.py --json out.json --plot out.png
-    python benchmarks/bench_loss.py --T 1024 4096 --methods fused naive --regimes peaked
+    python benchmarks/bench_loss.py --json out.json --plot out.png --jsonl rows.jsonl
+    python benchmarks/bench_loss.py --T 1024 4096 --methods fused fused-lean naive --regimes peaked
 
 Every method computes the same α-DPO loss forward + backward with reference log-probs given, except
-``liger`` (Liger-Kernel's fused linear SimPO: it has no α-DPO). Each row reports the median time, the peak
-memory above the inputs, and the time of one plain ``h·Wᵀ`` GEMM of the same shape measured in the same
-run, so that ``time / GEMM`` carries across cards; the memory floor is the size of the gradients dH + dW.
+``liger`` (Liger-Kernel's fused linear SimPO: it has no α-DPO). ``fused`` is the Triton backend in
+``memory="fast"``, ``fused-lean`` in ``memory="lean"``, ``cublas`` the cuBLAS + CUDA-epilogue backend; ``trl``
+is TRL ≥ 1.15's ``ChunkedLogProbFunction`` (DPOTrainer's fused LM head) for per-token log-probs,
+length-normalised, under the same α-DPO head. Each row reports the median time, the peak memory above the
+inputs, and the time of one plain ``h·Wᵀ`` GEMM of the same shape measured in the same run, so that
+``time / GEMM`` carries across cards; the memory floor is the size of the gradients dH + dW. ``--jsonl``
+appends each row as soon as it is measured, so a run cut short keeps what it measured.
 
 On a GPU the timings are CUDA events after warm-up and memory is the caching allocator's peak. On the CPU
 every row runs in a fresh process (glibc told to unmap large blocks on free), timed by wall clock, and its
@@ -42,11 +46,16 @@ from alphadpo_kernels import LogpsOptions, fused_alpha_dpo_loss, reference_seque
 from alphadpo_kernels.losses import alpha_dpo_head, simpo_head  # noqa: E402
 from alphadpo_kernels.ops.sequence_logps.tuning import cuda_time_ms  # noqa: E402
 
-METHODS = ("fused", "fused-filter", "cublas", "fused-torch", "fused-torch-noext", "naive", "liger", "cce")
+METHODS = ("fused", "fused-lean", "cublas", "naive", "liger", "cce", "trl", "fused-filter", "fused-torch",
+           "fused-torch-noext")
+FUSED = {"fused": "triton", "fused-lean": "triton", "fused-filter": "triton", "cublas": "cublas",
+         "fused-torch": "torch", "fused-torch-noext": "torch"}
 REGIMES = ("uniform", "peaked")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GPU_DEFAULTS = dict(T=[1024, 4096, 16384, 32768], H=4096, V=128256, dtype="bf16")
-CPU_DEFAULTS = dict(T=[64, 128, 256], H=256, V=8192, dtype="fp32")
+# The CPU head is 1/16 of Llama-3's in H and V; the fused paths' scratch budget is scaled from 64 MB to 4 MB with
+# it, or at these sizes one call's whole logits would fit in the budget and memory would look T-dependent.
+CPU_DEFAULTS = dict(T=[64, 128, 256], H=256, V=8192, dtype="fp32", budget_mb=4.0)
 # Pairs per T on the GPU, so that the smallest sizes fill the card (SPEC §3: 4×2×1024, 2×2×4096, 1×2×32768).
 GPU_PAIRS = {1024: 4, 4096: 2, 16384: 1, 32768: 1}
 HPARAMS = dict(beta=2.5, gamma_beta_ratio=0.6, alpha=0.2)
@@ -67,6 +76,7 @@ class Case:
     warmup: int = 2
     check: bool = False  # compare loss and gradients with `naive` (done at the smallest T)
     seed: int = 0
+    budget_mb: float | None = None  # LogpsOptions.memory_budget_mb of the fused paths (None: the library default)
 
     @property
     def N(self) -> int:
@@ -178,14 +188,15 @@ def _alpha_dpo(logps, ref_c, ref_r, pairs):
     return head.losses.mean()
 
 
-def method_fn(method: str) -> Callable:
+def method_fn(method: str, budget_mb: float | None = None) -> Callable:
     """``fn(hidden, weight, labels, ref_c, ref_r) -> loss`` for a method, or raises ImportError / RuntimeError."""
-    if method in ("fused", "fused-filter", "cublas", "fused-torch", "fused-torch-noext"):
-        backend = {"fused-torch": "torch", "fused-torch-noext": "torch", "cublas": "cublas"}.get(method, "triton")
+    if method in FUSED:
+        backend = FUSED[method]
         # fused-filter: backward tile skipping at the dtype's threshold (opt-in; `fused` is exact);
         # fused-torch-noext: the torch backend without the compiled CPU epilogue, to show what it buys
-        options = {"fused-filter": LogpsOptions(filter_eps="auto"),
-                   "fused-torch-noext": LogpsOptions(use_extension=False)}.get(method)
+        options = LogpsOptions(memory="lean" if method == "fused-lean" else "fast", memory_budget_mb=budget_mb,
+                               filter_eps="auto" if method == "fused-filter" else None,
+                               use_extension=method != "fused-torch-noext")
 
         def run(hidden, weight, labels, ref_c, ref_r):
             return fused_alpha_dpo_loss(hidden, weight, labels, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
@@ -211,12 +222,46 @@ def method_fn(method: str) -> Callable:
             nll = linear_cross_entropy(hidden, weight, labels, reduction="none")
             return _alpha_dpo(-nll.float().mean(-1), ref_c, ref_r, hidden.shape[0] // 2)
         return run
+    if method == "trl":
+        return _trl_method()
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def _trl_method() -> Callable:
+    """TRL ≥ 1.15's fused LM head as DPOTrainer calls it (trl.trainer.utils): live positions only, its vocabulary
+    chunk width, log-probs alone requested; then length-normalised and the same α-DPO head."""
+    import inspect
+
+    chunked = importlib.import_module("trl.kernels.chunked_logprob").ChunkedLogProbFunction
+    try:
+        chunk = importlib.import_module("trl.trainer.utils")._CHUNKED_LOGPROB_CHUNK_SIZE
+    except ImportError:
+        # trl.trainer.utils needs TRL's data stack (pandas, datasets + pyarrow: 70 MB, more than a device call
+        # carries). The kernel's backward takes one thing from it, maybe_gather_lm_head_ctx, a null context
+        # unless DeepSpeed ZeRO-3 partitions the head: on one GPU a stub is exactly what TRL would do.
+        import contextlib
+        import types
+
+        stub = types.ModuleType("trl.trainer.utils")
+        stub.maybe_gather_lm_head_ctx = lambda *params: contextlib.nullcontext()
+        stub._CHUNKED_LOGPROB_CHUNK_SIZE = chunk = 32768  # DPOTrainer's vocabulary chunk in trl 1.15-1.16
+        sys.modules["trl.trainer.utils"] = stub
+    params = list(inspect.signature(chunked.forward).parameters)[1:]  # the releases differ in their tail
+    tail = {"temperature": 1.0, "chunk_size": chunk, "final_logit_softcapping": None, "logit_scale": 1.0,
+            "outputs": ()}
+
+    def run(hidden, weight, labels, ref_c, ref_r):
+        live = labels != -100
+        head = {"hidden": hidden[live], "weight": weight, "bias": None, "targets": labels[live]}
+        token_logps = chunked.apply(*({**head, **tail}[name] for name in params))[0]
+        token_logps = hidden.new_zeros(labels.shape, dtype=token_logps.dtype).masked_scatter(live, token_logps)
+        return _alpha_dpo(token_logps.sum(-1) / live.sum(-1), ref_c, ref_r, hidden.shape[0] // 2)
+    return run
 
 
 def unavailable_reason(method: str, device: str) -> str:
     """Why a method cannot run here ('' when it can)."""
-    if method in ("fused", "fused-filter") and device != "cuda":
+    if method in ("fused", "fused-lean", "fused-filter") and device != "cuda":
         return "Triton kernels need a CUDA device (the CPU interpreter is for tests, not timing)"
     if method == "cublas":
         if device != "cuda":
@@ -236,6 +281,12 @@ def unavailable_reason(method: str, device: str) -> str:
         if device != "cuda":
             return "Cut Cross-Entropy needs a CUDA device"
         return "" if importlib.util.find_spec("cut_cross_entropy") else "cut-cross-entropy not installed"
+    if method == "trl":  # on the CPU, TRL folds its tiles with torch ops instead of Triton
+        try:
+            found = importlib.util.find_spec("trl.kernels.chunked_logprob") is not None
+        except ModuleNotFoundError:
+            found = False
+        return "" if found else "trl >= 1.15 (trl.kernels.chunked_logprob) not installed"
     return ""
 
 
@@ -309,7 +360,7 @@ def measure(case: Case, fn: Callable | None = None) -> Row:
         row.status, row.reason = "skipped", reason
         return row
     try:
-        fn = fn or method_fn(case.method)
+        fn = fn or method_fn(case.method, case.budget_mb)
     except ImportError as exc:
         row.status, row.reason = "skipped", f"not importable: {exc}"
         return row
@@ -449,24 +500,71 @@ def build_cases(args) -> list[Case]:
             for method in args.methods:
                 cases.append(Case(method, regime, t, pairs, args.H or defaults["H"], args.V or defaults["V"],
                                   args.dtype or defaults["dtype"], args.device, args.repeats, args.warmup,
-                                  check=(t == min(ts)) and method != "naive", seed=args.seed))
+                                  check=(t == min(ts)) and method != "naive", seed=args.seed,
+                                  budget_mb=args.budget_mb or defaults.get("budget_mb")))
     return cases
 
 
-def run_cases(cases: list[Case], isolate: bool, progress: bool = True) -> list[Row]:
+def run_cases(cases: list[Case], isolate: bool, progress: bool = True,
+              on_row: Callable[[Row], None] | None = None) -> list[Row]:
     rows = []
     runner = measure_isolated if isolate else measure
+
+    def run(case):
+        row = runner(case)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
     if not progress:
-        return [runner(c) for c in cases]
+        for case in cases:
+            run(case)
+        return rows
     from rich.progress import Progress
 
     with Progress(transient=True) as bar:
         task = bar.add_task("benchmark", total=len(cases))
         for case in cases:
             bar.update(task, description=f"{case.method:11s} {case.regime:7s} T={case.T}")
-            rows.append(runner(case))
+            run(case)
             bar.advance(task)
     return rows
+
+
+def spec_targets(rows: list[Row]) -> list[tuple[str, str, bool | None]]:
+    """SPEC §4's targets, read off the rows that measure them: ``(target, measured, met)``; ``met`` is None
+    when a row it needs is missing."""
+    ok = {(r.method, r.regime, r.N): r for r in rows if r.status == "ok"}
+    out = []
+    for n in sorted({r.N for r in rows}):
+        f, lean, naive, cce, trl = (ok.get((m, "uniform", n)) for m in ("fused", "fused-lean", "naive", "cce", "trl"))
+        if f is None:
+            continue
+        extra = 4 * min(n, f.V) * f.H / 2**20 + 64  # MB
+        out.append((f"N={n}: fast memory ≤ floor + 4·min(N,V)·H + 64 MB",
+                    f"{f.peak_mem_mb:.0f} ≤ {f.floor_mb + extra:.0f} MB", f.peak_mem_mb <= f.floor_mb + extra))
+        if n == 16384:
+            out.append(("N=16k: fast ≤ 4.4 GEMM units", f"{f.time_vs_gemm:.2f}", f.time_vs_gemm <= 4.4))
+        if naive is not None:
+            out.append((f"N={n}: fast level with naive at ≤ 1/20 of its memory",
+                        f"{f.ms:.1f} vs {naive.ms:.1f} ms, {f.peak_mem_mb:.0f} vs {naive.peak_mem_mb:.0f} MB",
+                        f.ms <= 1.05 * naive.ms and 20 * f.peak_mem_mb <= naive.peak_mem_mb))
+        if cce is not None:
+            out.append((f"N={n}: ≥ 2× faster than Cut Cross-Entropy", f"{cce.ms / f.ms:.2f}×", cce.ms >= 2 * f.ms))
+        if trl is not None:
+            out.append((f"N={n}: no slower than TRL's fused head", f"{f.ms:.1f} vs {trl.ms:.1f} ms", f.ms <= trl.ms))
+        if lean is not None:
+            out.append((f"N={n}: lean ≤ 1.10 × floor and ≤ 5.4 units",
+                        f"{lean.peak_vs_floor:.3f} ×, {lean.time_vs_gemm:.2f} units",
+                        lean.peak_vs_floor <= 1.10 and lean.time_vs_gemm <= 5.4))
+    for n in sorted({r.N for r in rows if r.regime == "peaked"}):
+        liger = ok.get(("liger", "peaked", n))
+        best = min((r for r in (ok.get(("fused", "peaked", n)), ok.get(("fused-filter", "peaked", n))) if r),
+                   key=lambda r: r.ms, default=None)
+        if liger is not None and best is not None:
+            out.append((f"N={n} peaked: faster than Liger's fused SimPO", f"{best.method} {best.ms:.1f} vs "
+                        f"{liger.ms:.1f} ms", best.ms < liger.ms))
+    return out
 
 
 def parse_args(argv=None):
@@ -481,9 +579,12 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget-mb", type=float, help="scratch budget of the fused paths (default: GPU the library's "
+                   "64 MB, CPU 4 MB, scaled with the CPU head)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write the rows as a JSON list here")
     p.add_argument("--plot", help="write a PNG of memory and time vs T here")
+    p.add_argument("--jsonl", help="append each row here as a JSON line as soon as it is measured")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -498,9 +599,15 @@ def main(argv=None) -> list[Row]:
     cases = build_cases(args)
     card = device_name(args.device)
     started = time.time()
-    rows = run_cases(cases, isolate=args.device != "cuda", progress=not args.no_progress)
+    def append(row: Row) -> None:
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps(asdict(row) | {"card": card}) + "\n")
+
+    rows = run_cases(cases, isolate=args.device != "cuda", progress=not args.no_progress, on_row=append)
     c0 = cases[0]
-    title = (f"α-DPO loss fwd+bwd on {card} — H={c0.H}, V={c0.V}, {c0.dtype}, torch {torch.__version__}, "
+    budget = f"budget {c0.budget_mb:g} MB" if c0.budget_mb else "default budget"
+    title = (f"α-DPO loss fwd+bwd on {card} — H={c0.H}, V={c0.V}, {c0.dtype}, {budget}, torch {torch.__version__}, "
              f"{_dt.date.today().isoformat()}")
     print_table(rows, title)
     for regime in args.regimes:
@@ -509,6 +616,8 @@ def main(argv=None) -> list[Row]:
             print(f"mean token entropy, {regime}: {statistics.mean(ent):.2f} nats")
     print(f"memory floor = dH + dW; ×GEMM = time / one h·Wᵀ GEMM of the same shape, same run; "
           f"loss Δ / grad Δ = max relative difference vs naive (Liger: vs naive SimPO). {time.time() - started:.0f} s")
+    for target, measured, met in spec_targets(rows):
+        print(f"SPEC §4 {'MET ' if met else 'MISSED'} {target}: {measured}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) | {"card": card} for r in rows], f, indent=1)

@@ -1,9 +1,30 @@
-"""Markdown table from a bench_loss.py JSON file (rows that ran): python benchmarks/render_results.py FILE.json"""
+"""Markdown from bench_loss.py rows (a --json list or a --jsonl file): the table of rows that ran, then SPEC §4's
+targets met or missed.    python benchmarks/render_results.py FILE.json|FILE.jsonl [--compact]"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+
+
+def load(path: str) -> list[dict]:
+    with open(path) as f:
+        text = f.read()
+    if path.endswith(".jsonl"):
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return json.loads(text)
+
+
+def targets(rows: list[dict]) -> str:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_loss import Row, spec_targets
+
+    fields = set(Row.__dataclass_fields__)
+    verdicts = spec_targets([Row(**{k: v for k, v in r.items() if k in fields}) for r in rows])
+    lines = ["| SPEC §4 target | measured | met |", "| --- | --- | --- |"]
+    lines += [f"| {t} | {m} | {'yes' if ok else 'no'} |" for t, m, ok in verdicts]
+    return "\n".join(lines) if verdicts else "(no row measures a SPEC §4 target)"
 
 
 def table(rows: list[dict], regimes=("uniform", "peaked"), compact: bool = False) -> str:
@@ -30,4 +51,7 @@ def table(rows: list[dict], regimes=("uniform", "peaked"), compact: bool = False
 
 
 if __name__ == "__main__":
-    print(table(json.load(open(sys.argv[1])), compact="--compact" in sys.argv))
+    rows = load(sys.argv[1])
+    print(table(rows, compact="--compact" in sys.argv))
+    print()
+    print(targets(rows))
