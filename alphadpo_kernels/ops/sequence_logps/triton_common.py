@@ -39,6 +39,18 @@ def dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's ``(row block, column block)`` in grouped order: GROUP_M row blocks sweep the columns
+    together, so each W tile is read from L2 by several programs in a row."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (GROUP_M * num_n)) * GROUP_M
+    group_size = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    in_group = pid % (GROUP_M * num_n)
+    return first_m + in_group % group_size, in_group // group_size
+
+
+@triton.jit
 def tanh(x):
     # exp form: portable to the interpreter and every backend; exact to fp32 rounding of the exp.
     e = tl.exp(-2.0 * tl.abs(x))

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .instrument import record_gemm
 from .options import LogpsOptions
-from .triton_common import check_triton_device, dot, dot_flags, logit_tile
+from .triton_common import check_triton_device, dot, dot_flags, grouped_tile, logit_tile
 from .tuning import resolve_blocks
 
 
@@ -46,17 +46,7 @@ def _skip_backward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    # Grouped ordering: GROUP_M token blocks sweep the vocabulary together, so each W tile is read from
-    # L2 by several programs in a row.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(N, BLOCK_M)
-    num_n = tl.cdiv(V, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_n)) // group_size
-
+    pid_m, pid_n = grouped_tile(N, V, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < N
     g = tl.load(g_ptr + offs_m, mask=row_ok, other=0.0)
