@@ -179,3 +179,19 @@ def test_simpo_trains_without_a_reference(tmp_path):
                     "--output-dir", str(tmp_path)])
     assert summary["loss_type"] == "simpo" and summary["eval/rewards/accuracies"] >= 0.9
     assert "eval/logps/ref_chosen" not in summary and not (tmp_path / "reference_logps").exists()
+
+
+def test_lean_memory_mode_trains_the_same_model(tmp_path):
+    """--memory lean (two-pass backward, no float32 gradient buffer) logs what the default fast mode does."""
+    steps = ["--max-steps", "3", "--eval-steps", "1000", "--save-steps", "1000", "--logging-steps", "1",
+             "--mixed-precision", "no"]
+    main(["--demo", *steps, "--output-dir", str(tmp_path / "fast")])
+    main(["--demo", *steps, "--memory", "lean", "--output-dir", str(tmp_path / "lean")])
+    fast = [json.loads(x) for x in open(tmp_path / "fast" / "metrics.jsonl") if "train/loss" in x]
+    lean = [json.loads(x) for x in open(tmp_path / "lean" / "metrics.jsonl") if "train/loss" in x]
+    assert len(fast) == len(lean) == 3
+    for a, b in zip(fast, lean):
+        for key in ("train/loss", "train/margin_std", "train/rewards/margins"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    with pytest.raises(ValueError, match="memory must be 'fast' or 'lean'"):
+        main(["--demo", "--memory", "small", "--output-dir", str(tmp_path / "bad")])

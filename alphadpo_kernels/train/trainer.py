@@ -24,6 +24,7 @@ import time
 import torch
 
 from ..loss import FusedAlphaDPOLoss
+from ..ops.sequence_logps import LogpsOptions
 from .config import TrainConfig, parse_config
 from .data import EpochSampler, PreferenceCollator, PreferenceDataset, load_pairs
 from .modeling import PreferenceModel, softcap_of
@@ -122,7 +123,7 @@ def train(cfg: TrainConfig) -> dict:
     loss_fn = FusedAlphaDPOLoss(beta=cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio, alpha=cfg.alpha,
                                 loss_type=cfg.loss_type, ema_momentum=cfg.ema_momentum,
                                 average_log_prob=cfg.average_log_prob, shift=True,
-                                label_smoothing=cfg.label_smoothing)
+                                label_smoothing=cfg.label_smoothing, options=LogpsOptions(memory=cfg.memory))
     ref_model = None
     if loss_fn.loss_type != "simpo":
         ref_model = _load_reference(cfg, policy).to(accelerator.device)
