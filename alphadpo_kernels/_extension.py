@@ -7,6 +7,7 @@ pointers, so a mistake raises a ``ValueError`` naming the argument instead of re
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 
@@ -62,21 +63,28 @@ def _tail(logits: torch.Tensor) -> tuple:
     return (torch.get_num_threads(),)
 
 
+def _on_device(logits: torch.Tensor):
+    """The kernels launch on the current CUDA device: make it the logits' one for the call."""
+    return torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext()
+
+
 def lse_update(logits, targets, v_offset: int, softcap: float | None, m, s, tz) -> None:
     """Fold a ``[n, v]`` logits chunk (columns ``v_offset..``) into running ``m``, ``s`` and target logits ``tz``.
     Soft-caps ``logits`` in place."""
     _check(logits, targets, {"m": m, "s": s, "tz": tz})
     n, v = logits.shape
-    _module_for(logits).lse_update(logits.data_ptr(), n, v, logits.stride(0), targets.data_ptr(), int(v_offset),
-                                   float(softcap or 0.0), m.data_ptr(), s.data_ptr(), tz.data_ptr(), *_tail(logits))
+    with _on_device(logits):
+        _module_for(logits).lse_update(logits.data_ptr(), n, v, logits.stride(0), targets.data_ptr(), int(v_offset),
+                                       float(softcap or 0.0), m.data_ptr(), s.data_ptr(), tz.data_ptr(), *_tail(logits))
 
 
 def grad_logits(logits, targets, v_offset: int, softcap: float | None, lse, g) -> torch.Tensor:
     """Turn a recomputed ``[n, v]`` logits chunk into ``g·(onehot − softmax)·softcap'`` in place; returns it."""
     _check(logits, targets, {"lse": lse, "g": g})
     n, v = logits.shape
-    _module_for(logits).grad_logits(logits.data_ptr(), n, v, logits.stride(0), targets.data_ptr(), int(v_offset),
-                                    float(softcap or 0.0), lse.data_ptr(), g.data_ptr(), *_tail(logits))
+    with _on_device(logits):
+        _module_for(logits).grad_logits(logits.data_ptr(), n, v, logits.stride(0), targets.data_ptr(), int(v_offset),
+                                        float(softcap or 0.0), lse.data_ptr(), g.data_ptr(), *_tail(logits))
     return logits
 
 
@@ -95,6 +103,8 @@ def grad_logits_to(logits, targets, v_offset: int, softcap: float | None, lse, g
     if out.stride(1) != 1 or out.stride(0) < out.shape[1] or out.device != logits.device:
         raise ValueError(f"out must have unit column stride, non-overlapping rows and be on {logits.device}")
     n, v = logits.shape
-    _module_for(logits).grad_logits_to(logits.data_ptr(), n, v, logits.stride(0), targets.data_ptr(), int(v_offset),
-                                       float(softcap or 0.0), lse.data_ptr(), g.data_ptr(), out.data_ptr(),
-                                       out.stride(0), _OUT_DTYPE_CODES[out.dtype], bool(keep), *_tail(logits))
+    with _on_device(logits):
+        _module_for(logits).grad_logits_to(logits.data_ptr(), n, v, logits.stride(0), targets.data_ptr(),
+                                           int(v_offset), float(softcap or 0.0), lse.data_ptr(), g.data_ptr(),
+                                           out.data_ptr(), out.stride(0), _OUT_DTYPE_CODES[out.dtype], bool(keep),
+                                           *_tail(logits))

@@ -123,3 +123,36 @@ def test_default_chunks_cover_a_small_head_at_once():
 def test_bad_memory_mode():
     with pytest.raises(ValueError, match="memory must be one of"):
         LogpsOptions(memory="small")
+
+
+@pytest.mark.parametrize("api", ["legacy", "new"])
+def test_exact_matmul_overrides_and_restores_the_process_cublas_settings(api):
+    """TF32, split-K reduced-precision reductions and fp16 accumulation are off inside the backward's GEMMs and
+    come back exactly as the user set them, through whichever TF32 API the user used (reading the legacy flag
+    after the new API was used raises in torch ≥ 2.9)."""
+    from alphadpo_kernels.ops.sequence_logps.gemm import exact_matmul
+
+    m = torch.backends.cuda.matmul
+
+    def state():
+        return (m.fp32_precision, torch._C._get_cublas_allow_bf16_reduced_precision_reduction(),
+                torch._C._get_cublas_allow_fp16_reduced_precision_reduction(), m.allow_fp16_accumulation)
+
+    original = state()
+    try:
+        if api == "legacy":
+            m.allow_tf32 = True
+            m.allow_fp16_accumulation = True
+        else:
+            m.fp32_precision = "tf32"
+            torch._C._set_cublas_allow_bf16_reduced_precision_reduction(True, False)
+        before = state()
+        with exact_matmul(torch.device("cuda")):
+            inside = state()
+        assert state() == before
+        assert inside[0] == "ieee" and not inside[1][0] and not inside[2][0] and inside[3] is False
+    finally:
+        m.fp32_precision = original[0]
+        torch._C._set_cublas_allow_bf16_reduced_precision_reduction(*original[1])
+        torch._C._set_cublas_allow_fp16_reduced_precision_reduction(*original[2])
+        m.allow_fp16_accumulation = original[3]

@@ -19,7 +19,9 @@ Plans (:func:`plan_backward`), in GEMM units of ``[N_live, H] × [H, V]`` (the f
 
 Only live tokens (label ≠ ignore_index) take part. Their hidden rows are gathered, contiguous, into the
 buffer of ``dH`` itself (its memory is part of the floor), so prompt and padding rows, which may hold anything
-(NaN from fully masked attention rows), never reach a GEMM. ``dH`` is written row by row as token chunks finish,
+(NaN from fully masked attention rows), never reach a GEMM. (When ``dH`` is not needed, a frozen decoder with a
+trained head, and some tokens are masked, the gathered rows take a buffer of their own: ``N_live·H`` elements
+outside the budget.) ``dH`` is written row by row as token chunks finish,
 last chunk first, so a row is never overwritten before it has been read (``live_idx[j] ≥ j``).
 """
 

@@ -29,22 +29,26 @@ UPCAST_BLOCK_BYTES = 4 * 2**20
 
 
 @functools.cache
-def _cuda_has(kind: str) -> bool:
-    """Whether this torch has the CUDA ``out_dtype`` kernel ``kind`` (probed once on tiny tensors)."""
+def _cuda_has(kind: str, dtype: torch.dtype = torch.bfloat16, device_index: int = 0) -> bool:
+    """Whether this torch and card have the CUDA ``out_dtype`` kernel ``kind`` for ``dtype`` operands, probed
+    once on tiny tensors (an accumulator starting at 1 checks that ``addmm`` really accumulates)."""
     try:
-        a = torch.ones(2, 2, device="cuda", dtype=torch.bfloat16)
-        acc = torch.zeros(2, 2, device="cuda", dtype=torch.float32)
-        if kind == "mm":
-            torch.mm(a, a, out_dtype=torch.float32, out=acc)
-        else:  # torch 2.8 insisted on a bf16 `self`; later versions take the float32 accumulator
+        with torch.cuda.device(device_index), exact_matmul(torch.device("cuda", device_index)):
+            a = torch.ones(2, 2, device="cuda", dtype=dtype)
+            acc = torch.ones(2, 2, device="cuda", dtype=torch.float32)
+            if kind == "mm":
+                torch.mm(a, a, out_dtype=torch.float32, out=acc)
+                return bool((acc == 2.0).all())
+            # torch 2.8 insisted on a `self` in the operands' dtype; later versions take the float32 accumulator
             torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-        return bool(acc[0, 0] == 2.0)
+            return bool((acc == 3.0).all())
     except (RuntimeError, TypeError, NotImplementedError):
         return False
 
 
 def _native_f32_out(a: torch.Tensor, b: torch.Tensor, kind: str) -> bool:
-    return a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) and _cuda_has(kind)
+    return (a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16)
+            and _cuda_has(kind, a.dtype, a.device.index or 0))
 
 
 def _upcast_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
@@ -93,18 +97,57 @@ def addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return acc
 
 
+class _Flag:
+    """One process-wide cuBLAS setting: read, overridden for a block, restored exactly as it was."""
+
+    def __init__(self, get, set_, value):
+        self.get, self.set, self.value = get, set_, value
+
+    def __enter__(self):
+        self.saved = self.get()
+        self.set(self.value)
+
+    def __exit__(self, *exc):
+        self.set(self.saved)
+
+
+def _tf32_flag() -> _Flag:
+    m = torch.backends.cuda.matmul
+    try:
+        m.allow_tf32  # noqa: B018 - raises when the process set TF32 through the newer fp32_precision API
+        return _Flag(lambda: m.allow_tf32, lambda v: setattr(m, "allow_tf32", v), False)
+    except RuntimeError:
+        return _Flag(lambda: m.fp32_precision, lambda v: setattr(m, "fp32_precision", v), "ieee")
+
+
+def _reduction_flag(name: str) -> _Flag | None:
+    """Reduced-precision (split-K) reductions for bf16 / fp16 GEMMs; torch ≥ 2.8 keeps a (allow, allow_splitk)
+    pair behind the bool the public attribute shows, so the private getter / setter restore both."""
+    get = getattr(torch._C, f"_get_cublas_allow_{name}_reduced_precision_reduction", None)
+    set_ = getattr(torch._C, f"_set_cublas_allow_{name}_reduced_precision_reduction", None)
+    if get is None or set_ is None:
+        return None
+
+    def restore(value):
+        set_(*value) if isinstance(value, tuple) else set_(value)
+
+    return _Flag(get, restore, False)
+
+
 @contextlib.contextmanager
 def exact_matmul(device: torch.device):
-    """cuBLAS without TF32 and without reduced-precision split-K reductions for the enclosed GEMMs."""
+    """cuBLAS for the enclosed GEMMs without TF32 (float32 inputs), without reduced-precision split-K reductions and
+    without fp16 accumulation (bf16 / fp16 inputs): whatever the process chose, float32 accumulation here."""
     if device.type != "cuda":
         yield
         return
     m = torch.backends.cuda.matmul
-    saved = (m.allow_tf32, m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction)
-    try:
-        m.allow_tf32 = False
-        m.allow_bf16_reduced_precision_reduction = False
-        m.allow_fp16_reduced_precision_reduction = False
+    flags = [_tf32_flag(), _reduction_flag("bf16"), _reduction_flag("fp16")]
+    if hasattr(m, "allow_fp16_accumulation"):  # torch ≥ 2.7; forbids float32 output from fp16 GEMMs when on
+        flags.append(_Flag(lambda: m.allow_fp16_accumulation, lambda v: setattr(m, "allow_fp16_accumulation", v),
+                           False))
+    with contextlib.ExitStack() as stack:
+        for flag in flags:
+            if flag is not None:
+                stack.enter_context(flag)
         yield
-    finally:
-        m.allow_tf32, m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction = saved

@@ -26,7 +26,8 @@ from .chunked_backward import chunked_backward
 from .gemm import exact_matmul, mm_into
 from .options import LogpsOptions
 
-EPILOGUE_BLOCK_BYTES = 4 * 2**20  # row blocks of the plain-torch epilogue's temporaries
+EPILOGUE_BLOCK_BYTES = 4 * 2**20  # row blocks of the plain-torch epilogue's temporaries, at most this ...
+EPILOGUE_BLOCK_FRACTION = 8  # ... and at most 1/8 of the chunk's rows: its ≤ 4 temporaries stay ≤ half the chunk
 
 
 def _chunk_sizes(n_live: int, vocab: int, hdim: int, opts: LogpsOptions) -> tuple[int, int]:
@@ -43,7 +44,7 @@ def _chunk_sizes(n_live: int, vocab: int, hdim: int, opts: LogpsOptions) -> tupl
 
 
 def _row_blocks(n: int, v: int):
-    rows = max(1, EPILOGUE_BLOCK_BYTES // (4 * max(v, 1)))
+    rows = max(1, min(EPILOGUE_BLOCK_BYTES // (4 * max(v, 1)), -(-n // EPILOGUE_BLOCK_FRACTION)))
     return ((r0, min(r0 + rows, n)) for r0 in range(0, n, rows))
 
 
@@ -148,6 +149,8 @@ class EpilogueGradLogits:
         self.dz_dtype = dz_dtype
         self.scratch_dtype = None if dz_dtype == torch.float32 else torch.float32
         self.bytes_per_element = 4 + (dz_dtype.itemsize if self.scratch_dtype is not None else 0)
+        if epilogue is TorchEpilogue:  # its row-block temporaries: at most half the chunk in float32
+            self.bytes_per_element += 2
 
     def __call__(self, hc, tgt, lse, g, vs, ve, dz, db, scratch):
         z = dz if scratch is None else scratch.view(dz.shape)
