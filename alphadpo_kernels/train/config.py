@@ -43,7 +43,9 @@ class TrainConfig:
     num_train_epochs: float = 1.0
     max_steps: int = -1  # optimiser steps; overrides num_train_epochs when > 0
     max_grad_norm: float = 1.0
-    mixed_precision: str = "bf16"  # no | bf16 | fp16
+    mixed_precision: str = "bf16"  # no | bf16 | fp16: the compute dtype (autocast), not the weights'
+    weights_dtype: str = "fp32"  # fp32 (master weights, the released recipe) | bf16 (needs optimizer=adamw_kahan)
+    optimizer: str = "adamw"  # adamw (torch) | adamw_kahan (optimi's Kahan-compensated AdamW, for bf16 weights)
     gradient_checkpointing: bool = False
     backend: str = "auto"
     memory: str = "fast"  # the fused loss's backward: fast (4 GEMM units) | lean (5 units, <= 1.1 x its gradients)
@@ -62,6 +64,18 @@ class TrainConfig:
             raise ValueError(f"reference_mode must be 'precompute' or 'online', got {self.reference_mode!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.weights_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"weights_dtype must be 'fp32' or 'bf16', got {self.weights_dtype!r}")
+        if self.optimizer not in ("adamw", "adamw_kahan"):
+            raise ValueError(f"optimizer must be 'adamw' or 'adamw_kahan', got {self.optimizer!r}")
+        if self.weights_dtype == "bf16" and self.optimizer != "adamw_kahan":
+            raise ValueError(
+                "weights_dtype='bf16' needs optimizer='adamw_kahan': a plain AdamW rounds each update into the bf16 "
+                "weight, and at preference-training learning rates (~1e-6) an update is far below half a bf16 ulp "
+                "of an ordinary weight (~1.2e-4 at |w| = 0.05), so most weights would never move while the run logs "
+                "losses as usual. Use --optimizer adamw_kahan (optimi's AdamW, which carries the rounding error "
+                "forward in a Kahan compensation buffer) or keep --weights-dtype fp32 (float32 master weights, "
+                "bf16 compute via --mixed-precision bf16, as the released runs did)")
         if self.memory not in ("fast", "lean"):
             raise ValueError(f"memory must be 'fast' or 'lean', got {self.memory!r}")
         if self.max_prompt_length >= self.max_length:

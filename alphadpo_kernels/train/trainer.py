@@ -44,7 +44,22 @@ def _load_tokenizer(cfg: TrainConfig):
 
 
 def _weights_dtype(cfg: TrainConfig) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+    """The dtype the weights are stored and updated in (float32 master weights by default); the compute dtype is
+    accelerate's mixed precision (autocast)."""
+    return {"bf16": torch.bfloat16}.get(cfg.weights_dtype, torch.float32)
+
+
+def _make_optimizer(cfg: TrainConfig, params):
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw_kahan":
+        try:
+            import optimi
+        except ImportError as exc:
+            raise ImportError("optimizer='adamw_kahan' needs torch-optimi (pip install torch-optimi, or the "
+                              "package's [train] extra)") from exc
+        # torch AdamW's eps and PyTorch-style decoupled weight decay, so that only the rounding differs
+        return optimi.AdamW(params, eps=1e-8, kahan_sum=True, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
 
 
 def _load_policy(cfg: TrainConfig, tokenizer):
@@ -65,6 +80,8 @@ def _load_reference(cfg: TrainConfig, policy_at_start):
         from transformers import AutoModelForCausalLM
 
         ref = AutoModelForCausalLM.from_pretrained(path, dtype=_weights_dtype(cfg))
+    # the policy's dtype, run under the same autocast: at step 0 the policy and reference log-probs are then the
+    # same numbers and every margin is exactly 0, not bf16-vs-fp32 rounding noise that α-DPO would normalise
     ref.requires_grad_(False)
     return ref.eval()
 
@@ -119,7 +136,7 @@ def train(cfg: TrainConfig) -> dict:
     train_ds = PreferenceDataset(train_rows, tokenizer, cfg.max_length, cfg.max_prompt_length)
     eval_ds = PreferenceDataset(eval_rows, tokenizer, cfg.max_length, cfg.max_prompt_length) if eval_rows else None
 
-    policy = _load_policy(cfg, tokenizer)
+    policy = _load_policy(cfg, tokenizer).to(_weights_dtype(cfg))
     loss_fn = FusedAlphaDPOLoss(beta=cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio, alpha=cfg.alpha,
                                 loss_type=cfg.loss_type, ema_momentum=cfg.ema_momentum,
                                 average_log_prob=cfg.average_log_prob, shift=True,
@@ -128,16 +145,18 @@ def train(cfg: TrainConfig) -> dict:
     if loss_fn.loss_type != "simpo":
         ref_model = _load_reference(cfg, policy).to(accelerator.device)
         if cfg.reference_mode == "precompute":
-            settings = dict(average=cfg.average_log_prob, softcap=softcap_of(ref_model), shift=True)
+            settings = dict(average=cfg.average_log_prob, softcap=softcap_of(ref_model), shift=True,
+                            weights_dtype=cfg.weights_dtype, mixed_precision=cfg.mixed_precision)
             model_id = cfg.ref_model_name_or_path or cfg.model_name_or_path or f"demo-seed{cfg.seed}"
             for name, ds, path in (("train", train_ds, cfg.train_file), ("eval", eval_ds, cfg.eval_file or cfg.train_file)):
                 if ds is None:
                     continue
                 key = cache_key(model_id, path, ds, settings)
-                ds.ref = precompute_reference(
-                    ref_model, ds, loss_fn, accelerator, batch_size=cfg.per_device_eval_batch_size,
-                    pad_token_id=tokenizer.pad_token_id, backend=cfg.backend,
-                    cache_path=os.path.join(cfg.output_dir, "reference_logps", f"{name}-{key}.pt"))
+                with accelerator.autocast():  # the policy's compute dtype, as in the training forward
+                    ds.ref = precompute_reference(
+                        ref_model, ds, loss_fn, accelerator, batch_size=cfg.per_device_eval_batch_size,
+                        pad_token_id=tokenizer.pad_token_id, backend=cfg.backend,
+                        cache_path=os.path.join(cfg.output_dir, "reference_logps", f"{name}-{key}.pt"))
             ref_model = None  # released: the reference model is no longer needed
             gc.collect()
             if torch.cuda.is_available():
@@ -154,8 +173,7 @@ def train(cfg: TrainConfig) -> dict:
                                            collate_fn=collate)
     eval_dl = (torch.utils.data.DataLoader(eval_ds, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate)
                if eval_ds is not None else None)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    optimizer = _make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
     if eval_dl is not None:
         eval_dl = accelerator.prepare(eval_dl)
