@@ -34,3 +34,15 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each trainer run configures accelerate's process-wide state (mixed precision among it): start every test
+    from a clean one, whatever the previous test ran with."""
+    yield
+    try:
+        from accelerate.state import AcceleratorState
+    except ImportError:
+        return
+    AcceleratorState._reset_state(True)

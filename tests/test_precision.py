@@ -54,7 +54,7 @@ def _train(root, name, steps, *flags):
     main(["--model-name-or-path", str(root / "model"), "--train-file", str(root / "train.jsonl"),
           "--max-steps", str(steps), "--learning-rate", "1e-6", "--warmup-ratio", "0",
           "--per-device-train-batch-size", "8", "--gradient-accumulation-steps", "1", "--eval-fraction", "0",
-          "--max-length", "48", "--max-prompt-length", "24", "--logging-steps", "1", "--save-steps", str(steps),
+          "--max-length", "48", "--max-prompt-length", "24", "--logging-steps", "1", "--save-final-state", "true",
           "--output-dir", str(out), *flags])
     log = [json.loads(line) for line in open(out / "metrics.jsonl") if "train/loss" in line]
     return out, log

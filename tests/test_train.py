@@ -113,7 +113,8 @@ def test_demo_learns_and_writes_its_files(tmp_path):
     train_keys = {k for r in records for k in r if k.startswith("train/")}
     assert {"train/loss", "train/rewards/accuracies", "train/logps/ref_chosen", "train/margin_std"} <= train_keys
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 40
-    assert (tmp_path / "checkpoint-40" / "trainer_state.json").exists()
+    assert (tmp_path / "checkpoint-20" / "trainer_state.json").exists()
+    assert not (tmp_path / "checkpoint-40").exists()  # the end writes the model only, unless --save-final-state
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -1,5 +1,7 @@
 """Training configuration: a YAML file and/or command-line flags, defaults from the released α-DPO runs
-(Llama-3-8B-Instruct: β = 2.5, γ/β = 0.6, α = 0.2, lr 1e-6, batch 128, max_length 2048 / 1800)."""
+(Llama-3-8B-Instruct: β = 2.5, γ/β = 0.6, α = 0.2, lr 1e-6, batch 128, max_length 2048 / 1800, gradient
+checkpointing, logging every 5 steps, evaluation every 400). The released configs themselves are shipped in
+``examples/configs/``."""
 
 from __future__ import annotations
 
@@ -15,7 +17,11 @@ class TrainConfig:
     model_name_or_path: str | None = None
     ref_model_name_or_path: str | None = None  # default: the policy's starting weights
     tokenizer_name_or_path: str | None = None  # default: the model's
-    train_file: str | None = None  # JSONL / JSON / a datasets folder with prompt, chosen, rejected
+    chat_template: str | None = None  # a Jinja template, or a file holding one; default: the tokenizer's
+    attn_implementation: str | None = None  # e.g. flash_attention_2 (released Llama / Mistral), eager (Gemma-2)
+    # JSONL / JSON / a datasets folder with prompt, chosen, rejected, or a hub data set "org/name" (":split",
+    # default train for train_file, test for eval_file)
+    train_file: str | None = None
     eval_file: str | None = None
     eval_fraction: float = 0.0  # hold out this share of train_file when eval_file is not given
     output_dir: str = "alphadpo-output"
@@ -46,13 +52,14 @@ class TrainConfig:
     mixed_precision: str = "bf16"  # no | bf16 | fp16: the compute dtype (autocast), not the weights'
     weights_dtype: str = "fp32"  # fp32 (master weights, the released recipe) | bf16 (needs optimizer=adamw_kahan)
     optimizer: str = "adamw"  # adamw (torch) | adamw_kahan (optimi's Kahan-compensated AdamW, for bf16 weights)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = True  # released: true
     backend: str = "auto"
     memory: str = "fast"  # the fused loss's backward: fast (4 GEMM units) | lean (5 units, <= 1.1 x its gradients)
     # bookkeeping
-    logging_steps: int = 10
-    eval_steps: int = 100
-    save_steps: int = 500
+    logging_steps: int = 5  # released: 5; metrics are means over the window, as HF / TRL log them
+    eval_steps: int = 400  # released: 400
+    save_steps: int = 500  # released: 1000000 (never, over their ~470 steps); 500 also never checkpoints them
+    save_final_state: bool = False  # also write a full checkpoint (optimizer, scheduler, RNG) at the end
     save_total_limit: int = 2
     seed: int = 42
     resume: str | None = None  # a checkpoint folder, or "latest" in output_dir

@@ -12,18 +12,37 @@ each response when missing; when prompt + longer response exceed ``max_length``,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 IGNORE = -100
+TOKENIZED_FORMAT = 1  # bump when tokenization changes, so cached data sets are rebuilt
 
 
-def load_pairs(path: str) -> list[dict]:
-    """JSONL, JSON (a list, or an object with a ``data`` / ``train`` list) or a ``datasets`` folder."""
-    if os.path.isdir(path):
+def _hub_name(path: str, default_split: str) -> tuple[str, str] | None:
+    """``org/name`` or ``org/name:split`` when ``path`` is not a local file or folder."""
+    if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):
+        return None
+    name, _, split = path.partition(":")
+    return name, split or default_split
+
+
+def load_pairs(path: str, default_split: str = "train") -> list[dict]:
+    """JSONL, JSON (a list, or an object with a ``data`` / ``train`` list), a ``datasets`` folder, or a hub data set
+    ``org/name[:split]`` (the released runs: ``princeton-nlp/llama3-ultrafeedback``, splits train / test)."""
+    hub = _hub_name(path, default_split)
+    if hub is not None:
+        try:
+            import datasets
+        except ImportError as exc:
+            raise ImportError(f"{path} names a hub data set: loading it needs `pip install datasets`") from exc
+        rows = [dict(r) for r in datasets.load_dataset(hub[0], split=hub[1])]
+    elif os.path.isdir(path):
         try:
             import datasets
         except ImportError as exc:
@@ -42,6 +61,8 @@ def load_pairs(path: str) -> list[dict]:
         if not isinstance(rows, list):
             raise ValueError(f"{path}: expected a list of examples or an object with a 'data' list")
     for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}: example {i} is a {type(r).__name__}, not an object with prompt, chosen, rejected")
         missing = {"chosen", "rejected"} - set(r)
         if missing:
             raise ValueError(f"{path}: example {i} lacks {sorted(missing)} (needs prompt, chosen, rejected)")
@@ -110,20 +131,83 @@ def tokenize_pair(example: dict, tokenizer, max_length: int, max_prompt_length: 
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
-    """Tokenized pairs; ``ref`` (``[n, 2]``: chosen, rejected) is attached once reference log-probs exist."""
+    """Tokenized pairs held as three flat arrays (memory-mapped when loaded from a cache): all token ids
+    (``int32``), the offsets of the ``2n`` sequences (pair ``i``: chosen ``2i``, rejected ``2i + 1``) and each
+    sequence's prompt length (its labels are ``-100`` there, the ids after)."""
 
-    def __init__(self, rows: list[dict], tokenizer, max_length: int, max_prompt_length: int):
-        self.items = [tokenize_pair(r, tokenizer, max_length, max_prompt_length) for r in rows]
-        self.ref: torch.Tensor | None = None
+    def __init__(self, rows: list[dict] | None, tokenizer=None, max_length: int = 0, max_prompt_length: int = 0, *,
+                 arrays: dict[str, np.ndarray] | None = None):
+        if arrays is None:
+            arrays = _tokenize_rows(rows, tokenizer, max_length, max_prompt_length)
+        self.tokens, self.offsets, self.prompt_lens = arrays["tokens"], arrays["offsets"], arrays["prompt_lens"]
+
+    @classmethod
+    def cached(cls, directory: str, build) -> "PreferenceDataset":
+        """Load the arrays saved in ``directory`` (memory-mapped: every process shares the page cache), else
+        ``build()`` a data set and save it there first. Run it on the main process first, then on the others."""
+        names = ("tokens", "offsets", "prompt_lens")
+        if all(os.path.exists(os.path.join(directory, f"{n}.npy")) for n in names):
+            return cls(None, arrays={n: np.load(os.path.join(directory, f"{n}.npy"), mmap_mode="r") for n in names})
+        ds = build()
+        os.makedirs(directory, exist_ok=True)
+        for n in names:
+            tmp = os.path.join(directory, f"{n}.tmp.npy")
+            np.save(tmp, getattr(ds, n))
+            os.replace(tmp, os.path.join(directory, f"{n}.npy"))  # never a half-written cache
+        return ds
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for a in (self.tokens, self.offsets, self.prompt_lens):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:20]
 
     def __len__(self) -> int:
-        return len(self.items)
+        return (len(self.offsets) - 1) // 2
+
+    def _sequence(self, j: int) -> tuple[list[int], list[int]]:
+        ids = self.tokens[self.offsets[j]: self.offsets[j + 1]].tolist()
+        p = int(self.prompt_lens[j])
+        return ids, [IGNORE] * p + ids[p:]
 
     def __getitem__(self, i: int) -> dict:
-        item = dict(self.items[i], index=i)
-        if self.ref is not None:
-            item["ref"] = self.ref[i]
-        return item
+        c_ids, c_lab = self._sequence(2 * i)
+        r_ids, r_lab = self._sequence(2 * i + 1)
+        return {"chosen_input_ids": c_ids, "chosen_labels": c_lab, "rejected_input_ids": r_ids,
+                "rejected_labels": r_lab, "index": i}
+
+
+def _tokenize_rows(rows: list[dict], tokenizer, max_length: int, max_prompt_length: int) -> dict[str, np.ndarray]:
+    seqs, prompt_lens = [], []
+    for r in rows:
+        out = tokenize_pair(r, tokenizer, max_length, max_prompt_length)
+        for key in ("chosen", "rejected"):
+            ids, labels = out[f"{key}_input_ids"], out[f"{key}_labels"]
+            seqs.append(ids)
+            prompt_lens.append(next((k for k, lab in enumerate(labels) if lab != IGNORE), len(labels)))
+    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+    np.cumsum([len(s) for s in seqs], out=offsets[1:])
+    tokens = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(offsets[-1]))
+    return {"tokens": tokens, "offsets": offsets, "prompt_lens": np.asarray(prompt_lens, dtype=np.int32)}
+
+
+def source_fingerprint(path: str) -> dict:
+    """What identifies a data source without reading it: a file's size and modification time, a folder's files',
+    or a hub data set's name and split."""
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if os.path.isdir(path):
+        files = sorted(os.path.join(root, f) for root, _, fs in os.walk(path) for f in fs)
+        return {"path": os.path.abspath(path),
+                "files": [(os.path.relpath(f, path), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]}
+    return {"hub": path}
+
+
+def tokenizer_fingerprint(tokenizer) -> dict:
+    return {"name": getattr(tokenizer, "name_or_path", ""), "size": len(tokenizer),
+            "chat_template": tokenizer.chat_template, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
+            "class": type(tokenizer).__name__}
 
 
 @dataclass
@@ -143,12 +227,8 @@ class PreferenceCollator:
             input_ids[i, : len(s)] = torch.tensor(s)
             label_t[i, : len(lab)] = torch.tensor(lab)
             mask[i, : len(s)] = 1
-        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": label_t,
-                 "index": torch.tensor([it["index"] for it in items])}
-        if "ref" in items[0]:
-            ref = torch.stack([it["ref"] for it in items])
-            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref[:, 0], ref[:, 1]
-        return batch
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t,
+                "index": torch.tensor([it["index"] for it in items])}
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -26,6 +26,7 @@ def demo_overrides() -> dict:
         warmup_ratio=0.1,
         max_steps=120,
         mixed_precision="no",
+        gradient_checkpointing=False,
         logging_steps=10,
         eval_steps=40,
         save_steps=60,

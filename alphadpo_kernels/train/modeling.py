@@ -70,8 +70,9 @@ class PreferenceModel(nn.Module):
     """Policy + fused loss as one module, so that DDP / FSDP / DeepSpeed wrap (and checkpoint) both.
 
     ``forward(batch)`` takes a collated chosen-first batch (``input_ids``, ``attention_mask``, ``labels``
-    ``[2P, T]`` and either ``ref_chosen_logps`` / ``ref_rejected_logps`` ``[P]``, or a reference model given
-    as ``ref_model``) and returns :class:`AlphaDPOOutput`. The loss's margin statistics are buffers of this
+    ``[2P, T]`` and either ``ref_chosen_logps`` / ``ref_rejected_logps`` ``[P]``, or ``ref_model``: a module that
+    maps the batch to its ``[2P]`` reference log-probs, reference.ReferenceModel) and returns
+    :class:`AlphaDPOOutput`. The loss's margin statistics are buffers of this
     module, so they are saved with the model's state.
     """
 
@@ -88,7 +89,8 @@ class PreferenceModel(nn.Module):
         if "ref_chosen_logps" in batch:
             ref_kwargs = dict(ref_chosen_logps=batch["ref_chosen_logps"], ref_rejected_logps=batch["ref_rejected_logps"])
         elif ref_model is not None:
-            ref = reference_logps(ref_model, batch, self.loss_fn, backend=self.backend)
+            with torch.no_grad():
+                ref = ref_model(batch).float()
             p = ref.shape[0] // 2
             ref_kwargs = dict(ref_chosen_logps=ref[:p], ref_rejected_logps=ref[p:])
         hidden = last_hidden_states(self.policy, batch["input_ids"], batch["attention_mask"])

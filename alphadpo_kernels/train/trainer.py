@@ -26,9 +26,17 @@ import torch
 from ..loss import FusedAlphaDPOLoss
 from ..ops.sequence_logps import LogpsOptions
 from .config import TrainConfig, parse_config
-from .data import EpochSampler, PreferenceCollator, PreferenceDataset, load_pairs
+from .data import (
+    TOKENIZED_FORMAT,
+    EpochSampler,
+    PreferenceCollator,
+    PreferenceDataset,
+    load_pairs,
+    source_fingerprint,
+    tokenizer_fingerprint,
+)
 from .modeling import PreferenceModel, softcap_of
-from .reference import cache_key, precompute_reference
+from .reference import cache_key, precompute_reference, prepare_reference, weights_fingerprint
 
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                "logps/rejected", "logps/ref_chosen", "logps/ref_rejected")
@@ -40,6 +48,12 @@ def _load_tokenizer(cfg: TrainConfig):
     tok = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if cfg.chat_template:  # the released Gemma-2 / Mistral runs override the hub's template
+        template = cfg.chat_template
+        if os.path.isfile(template):
+            with open(template) as f:
+                template = f.read()
+        tok.chat_template = template
     return tok
 
 
@@ -62,39 +76,85 @@ def _make_optimizer(cfg: TrainConfig, params):
     return torch.optim.AdamW(params, **kwargs)
 
 
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Dropout off everywhere, as the released runs effectively train: ``nn.Dropout`` modules, the float rates that
+    attention implementations read from their module (``attention_dropout`` & co.) and the config's rates. The
+    model stays in train mode (gradient checkpointing needs it)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float):
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    if config is not None:
+        for name, value in list(vars(config).items()):
+            if ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float):
+                setattr(config, name, 0.0)
+    return model
+
+
+def _from_pretrained(cfg: TrainConfig, path: str):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=_weights_dtype(cfg), **kwargs)
+
+
 def _load_policy(cfg: TrainConfig, tokenizer):
     if cfg.demo and cfg.model_name_or_path is None:
         from .demo import build_demo_model
 
-        return build_demo_model(len(tokenizer), cfg.seed)
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=_weights_dtype(cfg))
+        model = build_demo_model(len(tokenizer), cfg.seed)
+    else:
+        model = _from_pretrained(cfg, cfg.model_name_or_path)
+    return disable_dropout(model.to(_weights_dtype(cfg)))
 
 
 def _load_reference(cfg: TrainConfig, policy_at_start):
     path = cfg.ref_model_name_or_path or (None if cfg.demo else cfg.model_name_or_path)
-    if path is None:
-        ref = copy.deepcopy(policy_at_start)
-    else:
-        from transformers import AutoModelForCausalLM
-
-        ref = AutoModelForCausalLM.from_pretrained(path, dtype=_weights_dtype(cfg))
-    # the policy's dtype, run under the same autocast: at step 0 the policy and reference log-probs are then the
-    # same numbers and every margin is exactly 0, not bf16-vs-fp32 rounding noise that α-DPO would normalise
+    ref = copy.deepcopy(policy_at_start) if path is None else disable_dropout(_from_pretrained(cfg, path))
+    # the policy's dtype, run under the same autocast on the same batches: at step 0 the policy and reference
+    # log-probs are then the same numbers and every margin is exactly 0, not rounding noise α-DPO would normalise
     ref.requires_grad_(False)
     return ref.eval()
 
 
 def _split_eval(cfg: TrainConfig, rows: list[dict]) -> tuple[list[dict], list[dict]]:
     if cfg.eval_file:
-        return rows, load_pairs(cfg.eval_file)
+        return rows, load_pairs(cfg.eval_file, default_split="test")
     if cfg.eval_fraction <= 0:
         return rows, []
     g = torch.Generator().manual_seed(cfg.seed)
     perm = torch.randperm(len(rows), generator=g).tolist()
     n_eval = max(1, int(len(rows) * cfg.eval_fraction))
     return [rows[i] for i in perm[n_eval:]], [rows[i] for i in perm[:n_eval]]
+
+
+def build_datasets(cfg: TrainConfig, tokenizer, accelerator):
+    """Tokenized train / eval sets, built once by the main process into ``OUTPUT_DIR/tokenized/KEY/`` (flat numpy
+    arrays) and memory-mapped by every process: no rank holds its own Python copy of the tokenized data."""
+    parts = {"format": TOKENIZED_FORMAT, "train": source_fingerprint(cfg.train_file),
+             "eval": source_fingerprint(cfg.eval_file) if cfg.eval_file else None,
+             "eval_fraction": cfg.eval_fraction, "seed": cfg.seed, "tokenizer": tokenizer_fingerprint(tokenizer),
+             "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length}
+    key = cache_key(parts)
+    root = os.path.join(cfg.output_dir, "tokenized", key)
+    splits: dict = {}
+
+    def rows():
+        if not splits:
+            splits["train"], splits["eval"] = _split_eval(cfg, load_pairs(cfg.train_file))
+        return splits
+
+    def build(name):
+        return PreferenceDataset(rows()[name], tokenizer, cfg.max_length, cfg.max_prompt_length)
+
+    with accelerator.main_process_first():
+        train_ds = PreferenceDataset.cached(os.path.join(root, "train"), lambda: build("train"))
+        has_eval = bool(cfg.eval_file) or cfg.eval_fraction > 0
+        eval_ds = PreferenceDataset.cached(os.path.join(root, "eval"), lambda: build("eval")) if has_eval else None
+    return train_ds, (eval_ds if eval_ds is not None and len(eval_ds) else None)
 
 
 def _latest_checkpoint(output_dir: str) -> str | None:
@@ -115,6 +175,23 @@ class _MetricLog:
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record.get("step"))
 
 
+def plan_steps(batches_per_epoch: int, cfg: TrainConfig) -> tuple[int, int]:
+    """``(optimizer steps per epoch, total steps)`` as transformers' Trainer counts them (the released stack): an
+    epoch's trailing micro-batches that do not fill an accumulation window are not trained on."""
+    per_epoch = max(1, batches_per_epoch // cfg.gradient_accumulation_steps)
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(per_epoch * cfg.num_train_epochs))
+    return per_epoch, total
+
+
+def _epoch_loader(accelerator, loader, epoch: int, skip: int = 0):
+    """The prepared loader for ``epoch``, first ``skip`` batches left out. accelerate's loader re-sets its sampler's
+    epoch from its own counter on every pass, so the epoch is set on the loader itself."""
+    loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    return loader
+
+
 def train(cfg: TrainConfig) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -132,53 +209,62 @@ def train(cfg: TrainConfig) -> dict:
     started = time.time()
 
     tokenizer = _load_tokenizer(cfg)
-    train_rows, eval_rows = _split_eval(cfg, load_pairs(cfg.train_file))
-    train_ds = PreferenceDataset(train_rows, tokenizer, cfg.max_length, cfg.max_prompt_length)
-    eval_ds = PreferenceDataset(eval_rows, tokenizer, cfg.max_length, cfg.max_prompt_length) if eval_rows else None
+    train_ds, eval_ds = build_datasets(cfg, tokenizer, accelerator)
 
-    policy = _load_policy(cfg, tokenizer).to(_weights_dtype(cfg))
+    policy = _load_policy(cfg, tokenizer)
     loss_fn = FusedAlphaDPOLoss(beta=cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio, alpha=cfg.alpha,
                                 loss_type=cfg.loss_type, ema_momentum=cfg.ema_momentum,
                                 average_log_prob=cfg.average_log_prob, shift=True,
                                 label_smoothing=cfg.label_smoothing, options=LogpsOptions(memory=cfg.memory))
-    ref_model = None
-    if loss_fn.loss_type != "simpo":
-        ref_model = _load_reference(cfg, policy).to(accelerator.device)
+    ref_model = _load_reference(cfg, policy) if loss_fn.loss_type != "simpo" else None
+    if cfg.gradient_checkpointing:  # non-reentrant, as the released configs; the API was renamed in transformers 5
+        enable = getattr(policy, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = PreferenceModel(policy, loss_fn, backend=cfg.backend)
+
+    collate = PreferenceCollator(tokenizer.pad_token_id)
+    sampler = EpochSampler(len(train_ds), cfg.seed)
+    train_dl = accelerator.prepare(torch.utils.data.DataLoader(
+        train_ds, batch_size=cfg.per_device_train_batch_size, sampler=sampler, collate_fn=collate))
+    eval_dl = (accelerator.prepare(torch.utils.data.DataLoader(
+        eval_ds, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate)) if eval_ds is not None else None)
+    steps_per_epoch, total_steps = plan_steps(len(train_dl), cfg)
+    epochs_needed = math.ceil(total_steps * cfg.gradient_accumulation_steps / len(train_dl))
+
+    ref_runner, train_ref, eval_ref = None, None, None
+    if ref_model is not None:
+        ref_runner = prepare_reference(ref_model, loss_fn, accelerator, backend=cfg.backend,
+                                       micro_batch=cfg.per_device_train_batch_size)
         if cfg.reference_mode == "precompute":
-            settings = dict(average=cfg.average_log_prob, softcap=softcap_of(ref_model), shift=True,
-                            weights_dtype=cfg.weights_dtype, mixed_precision=cfg.mixed_precision)
-            model_id = cfg.ref_model_name_or_path or cfg.model_name_or_path or f"demo-seed{cfg.seed}"
-            for name, ds, path in (("train", train_ds, cfg.train_file), ("eval", eval_ds, cfg.eval_file or cfg.train_file)):
-                if ds is None:
-                    continue
-                key = cache_key(model_id, path, ds, settings)
-                with accelerator.autocast():  # the policy's compute dtype, as in the training forward
-                    ds.ref = precompute_reference(
-                        ref_model, ds, loss_fn, accelerator, batch_size=cfg.per_device_eval_batch_size,
-                        pad_token_id=tokenizer.pad_token_id, backend=cfg.backend,
-                        cache_path=os.path.join(cfg.output_dir, "reference_logps", f"{name}-{key}.pt"))
-            ref_model = None  # released: the reference model is no longer needed
+            parts = {"weights": weights_fingerprint(ref_model),
+                     "model": cfg.ref_model_name_or_path or cfg.model_name_or_path or f"demo-seed{cfg.seed}",
+                     "data": train_ds.fingerprint(), "eval_data": eval_ds.fingerprint() if eval_ds else None,
+                     "weights_dtype": cfg.weights_dtype, "mixed_precision": cfg.mixed_precision,
+                     "attn_implementation": cfg.attn_implementation, "backend": cfg.backend,
+                     "logps": dict(average=cfg.average_log_prob, softcap=softcap_of(ref_model), shift=True),
+                     "batching": dict(train=cfg.per_device_train_batch_size, eval=cfg.per_device_eval_batch_size,
+                                      seed=cfg.seed, world=accelerator.num_processes,
+                                      rank=accelerator.process_index),
+                     "versions": dict(torch=torch.__version__, transformers=_version("transformers"),
+                                      alphadpo_kernels=_version("alphadpo_kernels"))}
+            cache = os.path.join(cfg.output_dir, "reference_logps", cache_key(parts))
+            with accelerator.autocast():  # the policy's compute dtype, as in the training forward
+                train_ref = precompute_reference(ref_runner, _EpochLoader(accelerator, train_dl), epochs=epochs_needed,
+                                                 sampler=None, accelerator=accelerator, cache_path=cache + "-train.pt")
+                if eval_dl is not None:
+                    eval_ref = precompute_reference(ref_runner, _EpochLoader(accelerator, eval_dl), epochs=1,
+                                                    sampler=None, accelerator=accelerator,
+                                                    cache_path=cache + "-eval.pt")[0]
+            ref_runner = ref_model = None  # released: the reference model is no longer needed
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        else:
-            ref_model = accelerator.prepare_model(ref_model, evaluation_mode=True)
 
-    if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = PreferenceModel(policy, loss_fn, backend=cfg.backend)
-    collate = PreferenceCollator(tokenizer.pad_token_id)
-    sampler = EpochSampler(len(train_ds), cfg.seed)
-    train_dl = torch.utils.data.DataLoader(train_ds, batch_size=cfg.per_device_train_batch_size, sampler=sampler,
-                                           collate_fn=collate)
-    eval_dl = (torch.utils.data.DataLoader(eval_ds, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate)
-               if eval_ds is not None else None)
     optimizer = _make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-    model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
-    if eval_dl is not None:
-        eval_dl = accelerator.prepare(eval_dl)
-    steps_per_epoch = max(1, math.ceil(len(train_dl) / cfg.gradient_accumulation_steps))
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_train_epochs)
+    model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
     accelerator.register_for_checkpointing(scheduler)  # stepped by hand, once per optimiser step
     if has_tb:
@@ -196,6 +282,13 @@ def train(cfg: TrainConfig) -> dict:
         step, epoch, batches_done = state["step"], state["epoch"], state["batches_in_epoch"]
         accelerator.print(f"resumed from {ckpt} at step {step}")
 
+    def with_reference(batch: dict, table, index: int) -> dict:
+        if table is not None:
+            ref = table[index].to(accelerator.device)
+            p = ref.shape[0] // 2
+            batch = dict(batch, ref_chosen_logps=ref[:p], ref_rejected_logps=ref[p:])
+        return batch
+
     def evaluate() -> dict:
         if eval_dl is None:
             return {}
@@ -203,8 +296,8 @@ def train(cfg: TrainConfig) -> dict:
         unwrapped.eval()
         cols: dict[str, list] = {k: [] for k in ("chosen", "rejected", "pc", "pr", "rc", "rr", "loss")}
         with torch.no_grad():
-            for batch in eval_dl:
-                out = model(batch, ref_model=ref_model)
+            for i, batch in enumerate(_epoch_loader(accelerator, eval_dl, 0)):
+                out = model(with_reference(batch, eval_ref, i), ref_model=ref_runner)
                 pairs = out.chosen_rewards.new_full((out.chosen_rewards.shape[0],), out.loss.item())
                 vals = dict(chosen=out.chosen_rewards, rejected=out.rejected_rewards, pc=out.chosen_logps,
                             pr=out.rejected_logps, rc=out.ref_chosen_logps if out.ref_chosen_logps is not None
@@ -242,18 +335,18 @@ def train(cfg: TrainConfig) -> dict:
         summary.update({f"{k}@start": v for k, v in start_eval.items()})
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="alphadpo")
+    # metrics summed over every micro-batch of the logging window, logged as means (HF / TRL log them so)
     sums: dict[str, torch.Tensor] = {}
-    micro = 0
+    micro, grad_norm = 0, None
     done = step >= total_steps
     while not done:
-        sampler.set_epoch(epoch)
-        loader = accelerator.skip_first_batches(train_dl, batches_done) if batches_done else train_dl
-        for batch in loader:
+        for batch in _epoch_loader(accelerator, train_dl, epoch, batches_done):
             with accelerator.accumulate(model):
-                out = model(batch, ref_model=ref_model)
+                out = model(with_reference(batch, train_ref[epoch] if train_ref else None, batches_done),
+                            ref_model=ref_runner)
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             batches_done += 1
@@ -270,15 +363,17 @@ def train(cfg: TrainConfig) -> dict:
                 record = {"step": step, "epoch": epoch + batches_done / len(train_dl),
                           "train/learning_rate": scheduler.get_last_lr()[0]}
                 record.update({f"train/{k}": float(v) for k, v in zip(sums, means)})
+                if grad_norm is not None:  # the last step's norm before clipping, as transformers' Trainer logs it
+                    record["train/grad_norm"] = float(grad_norm)
                 unwrapped_loss = accelerator.unwrap_model(model).loss_fn
                 record["train/margin_mean"] = float(unwrapped_loss.margin_mean)
                 record["train/margin_std"] = float(unwrapped_loss.margin_std)
                 log.write(record)
                 bar.set_postfix(loss=f"{record['train/loss']:.4f}", acc=f"{record['train/rewards/accuracies']:.2f}")
-            sums, micro = {}, 0
+                sums, micro = {}, 0
             if eval_dl is not None and (step % cfg.eval_steps == 0) and step != total_steps:
                 log.write({"step": step, **evaluate()})
-            if step % cfg.save_steps == 0 or step == total_steps:
+            if (step % cfg.save_steps == 0 and step != total_steps) or (step == total_steps and cfg.save_final_state):
                 save(step, epoch, batches_done)
             if step >= total_steps:
                 done = True
@@ -293,19 +388,58 @@ def train(cfg: TrainConfig) -> dict:
         summary.update(final_eval)
     summary.update({"steps": step, "seconds": round(time.time() - started, 1), "loss_type": loss_fn.loss_type,
                     "beta": cfg.beta, "gamma_beta_ratio": cfg.gamma_beta_ratio, "alpha": cfg.alpha})
+    save_policy(accelerator, model, tokenizer, os.path.join(cfg.output_dir, "final"))
     if accelerator.is_main_process:
-        final = os.path.join(cfg.output_dir, "final")
-        accelerator.unwrap_model(model).policy.save_pretrained(final)
-        tokenizer.save_pretrained(final)
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     accelerator.end_training()
     return summary
 
 
+class _EpochLoader:
+    """Iterating it ``e``-th time gives epoch ``e`` of the prepared loader (for the reference precompute)."""
+
+    def __init__(self, accelerator, loader):
+        self.accelerator, self.loader, self.epoch = accelerator, loader, 0
+
+    def __iter__(self):
+        loader = _epoch_loader(self.accelerator, self.loader, self.epoch)
+        self.epoch += 1
+        return iter(loader)
+
+
+def save_policy(accelerator, model, tokenizer, path: str) -> None:
+    """The trained policy in Hugging Face format. The full state dict is gathered on every process (required under
+    FSDP and DeepSpeed ZeRO-3, where each rank holds a shard) and written by the main process only."""
+    state = accelerator.get_state_dict(model)  # collective: every rank calls it
+    policy = accelerator.unwrap_model(model).policy
+    if accelerator.is_main_process:
+        prefix = "policy."
+        policy_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        policy.save_pretrained(path, state_dict=policy_state, is_main_process=True)
+        tokenizer.save_pretrained(path)
+    accelerator.wait_for_everyone()
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(argv)
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    finally:
+        # accelerate keeps process-wide state (mixed precision among it); the CLI owns the process, so a next
+        # run in it (tests, notebooks calling main) may choose other settings
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(True)
     if "eval/rewards/accuracies" in summary:
         start = summary.get("eval/rewards/accuracies@start")
         print(f"eval/rewards/accuracies: {start if start is None else round(start, 3)} at start -> "
