@@ -7,9 +7,13 @@ switched off with ``check_values=False`` once a data pipeline is trusted.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 _FLOATING = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_KERNEL_FLOATING = (torch.float32, torch.bfloat16, torch.float16)
+_INTEGER = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def _require_tensor(x: object, name: str) -> torch.Tensor:
@@ -29,14 +33,17 @@ def check_sequence_inputs(
     softcap: float | None,
     check_values: bool,
     prefix: str = "",
+    allow_float64: bool = False,
 ) -> None:
-    """Validate the inputs of ``fused_sequence_logps`` (``prefix`` is ``"ref_"`` for reference inputs)."""
+    """Validate the inputs of ``fused_sequence_logps`` (``prefix`` is ``"ref_"`` for reference inputs; every
+    message names the argument the caller passed)."""
     h_name, w_name, b_name = f"{prefix}hidden", f"{prefix}weight", f"{prefix}bias"
     hidden = _require_tensor(hidden, h_name)
     weight = _require_tensor(weight, w_name)
     labels = _require_tensor(labels, "labels")
-    if hidden.dtype not in _FLOATING:
-        raise TypeError(f"{h_name} must be a floating tensor (float32, bfloat16, float16), got {hidden.dtype}")
+    if hidden.dtype not in (_FLOATING if allow_float64 else _KERNEL_FLOATING):
+        extra = "" if allow_float64 else "; float64 is for reference_sequence_logps"
+        raise TypeError(f"{h_name} must be a floating tensor (float32, bfloat16, float16), got {hidden.dtype}{extra}")
     if hidden.dim() != 3:
         raise ValueError(f"{h_name} must have shape [rows, T, H], got {tuple(hidden.shape)}")
     rows, seq, hdim = hidden.shape
@@ -48,8 +55,14 @@ def check_sequence_inputs(
         raise ValueError(f"{w_name} must have at least one vocabulary row")
     if not weight.is_floating_point():
         raise TypeError(f"{w_name} must be a floating tensor, got {weight.dtype}")
-    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+    if labels.dtype not in _INTEGER:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    info = torch.iinfo(labels.dtype)
+    if not info.min <= ignore_index <= info.max or weight.shape[0] - 1 > info.max:
+        raise TypeError(
+            f"labels of dtype {labels.dtype} cannot hold ignore_index={ignore_index} and token ids up to "
+            f"{weight.shape[0] - 1} (the vocabulary of {w_name}); use int64 (or int32) labels"
+        )
     if tuple(labels.shape) != (rows, seq):
         raise ValueError(f"labels must have shape [rows, T] = {(rows, seq)} to match {h_name}, got {tuple(labels.shape)}")
     if shift and seq < 2:
@@ -65,13 +78,14 @@ def check_sequence_inputs(
             raise ValueError(f"{b_name} is on {bias.device} but {h_name} is on {hidden.device}")
         if not bias.is_floating_point():
             raise TypeError(f"{b_name} must be a floating tensor, got {bias.dtype}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be a positive number or None, got {softcap}")
+    if softcap is not None and not (softcap > 0 and math.isfinite(softcap)):
+        raise ValueError(f"softcap must be a positive finite number or None, got {softcap}")
     if check_values:
-        check_label_values(labels, weight.shape[0], ignore_index=ignore_index, shift=shift)
+        check_label_values(labels, weight.shape[0], ignore_index=ignore_index, shift=shift, vocab_of=w_name)
 
 
-def check_label_values(labels: torch.Tensor, vocab: int, *, ignore_index: int, shift: bool) -> None:
+def check_label_values(labels: torch.Tensor, vocab: int, *, ignore_index: int, shift: bool,
+                       vocab_of: str = "weight") -> None:
     """Every label is in ``[0, vocab)`` or ``ignore_index``, and every row keeps a live label."""
     scored = labels[:, 1:] if shift else labels
     live = scored != ignore_index
@@ -80,7 +94,8 @@ def check_label_values(labels: torch.Tensor, vocab: int, *, ignore_index: int, s
         r, t = (int(i) for i in bad.nonzero()[0])
         t = t + 1 if shift else t
         raise ValueError(
-            f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; labels[{r}, {t}] = {int(labels[r, t])}"
+            f"labels must be in [0, {vocab}) (the vocabulary of {vocab_of}) or ignore_index={ignore_index}; "
+            f"labels[{r}, {t}] = {int(labels[r, t])}"
         )
     empty = ~live.any(dim=1)
     if bool(empty.any()):
@@ -101,7 +116,7 @@ def check_pair_rows(rows: int, name: str = "hidden") -> int:
     return rows // 2
 
 
-def check_ref_logps(t: object, name: str, pairs: int, device: torch.device) -> torch.Tensor:
+def check_ref_logps(t: object, name: str, pairs: int, device: torch.device, check_values: bool = False) -> torch.Tensor:
     t = _require_tensor(t, name)
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
@@ -109,4 +124,32 @@ def check_ref_logps(t: object, name: str, pairs: int, device: torch.device) -> t
         raise ValueError(f"{name} must have shape [P] = ({pairs},), got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but hidden is on {device}")
+    if check_values and not bool(torch.isfinite(t).all()):
+        bad = (~torch.isfinite(t)).nonzero().flatten().tolist()
+        raise ValueError(f"{name} must be finite; pairs {bad[:8]}{' ...' if len(bad) > 8 else ''} are "
+                         f"{[float(t[i]) for i in bad[:3]]}")
     return t
+
+
+def _finite_number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_loss_hparams(*, beta, gamma_beta_ratio, alpha, ema_momentum, label_smoothing, std_eps,
+                       softcap) -> None:
+    """The loss's hyper-parameters, checked once for the module and the functional form alike."""
+    if not _finite_number(beta, "beta") > 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    _finite_number(gamma_beta_ratio, "gamma_beta_ratio")
+    _finite_number(alpha, "alpha")
+    if not 0.0 <= _finite_number(ema_momentum, "ema_momentum") < 1.0:
+        raise ValueError(f"ema_momentum must be in [0, 1), got {ema_momentum}")
+    if not 0.0 <= _finite_number(label_smoothing, "label_smoothing") < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if not _finite_number(std_eps, "std_eps") >= 0:
+        raise ValueError(f"std_eps must be >= 0, got {std_eps}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not (math.isfinite(softcap) and softcap > 0)):
+        raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ._validation import check_pair_rows, check_ref_logps, check_sequence_inputs
+from ._validation import check_loss_hparams, check_pair_rows, check_ref_logps, check_sequence_inputs
 from .losses import (
     alpha_dpo_head,
     canonical_loss_type,
@@ -51,8 +51,8 @@ def _reference_logps(labels, *, ref_chosen_logps, ref_rejected_logps, ref_hidden
     if given[0] and ref_hidden is not None:
         raise ValueError("pass either ref_chosen_logps/ref_rejected_logps or ref_hidden/ref_weight, not both")
     if given[0]:
-        return (check_ref_logps(ref_chosen_logps, "ref_chosen_logps", pairs, device),
-                check_ref_logps(ref_rejected_logps, "ref_rejected_logps", pairs, device))
+        return (check_ref_logps(ref_chosen_logps, "ref_chosen_logps", pairs, device, check_values),
+                check_ref_logps(ref_rejected_logps, "ref_rejected_logps", pairs, device, check_values))
     if ref_hidden is None:
         if ref_weight is not None or ref_bias is not None:
             raise ValueError("ref_weight/ref_bias given without ref_hidden")
@@ -63,8 +63,10 @@ def _reference_logps(labels, *, ref_chosen_logps, ref_rejected_logps, ref_hidden
     if ref_weight is None:
         raise ValueError("ref_hidden given without ref_weight; pass ref_weight=weight if the reference model "
                          "shares the policy's LM head")
+    # the reference head's own vocabulary bounds the labels too (a smaller ref_weight would read garbage rows)
     check_sequence_inputs(ref_hidden, ref_weight, labels, ref_bias, ignore_index=seq_kwargs["ignore_index"],
-                          shift=seq_kwargs["shift"], softcap=seq_kwargs["softcap"], check_values=False, prefix="ref_")
+                          shift=seq_kwargs["shift"], softcap=seq_kwargs["softcap"], check_values=check_values,
+                          prefix="ref_")
     with torch.no_grad():
         ref = fused_sequence_logps(ref_hidden.detach(), ref_weight.detach(), labels,
                                    bias=ref_bias.detach() if ref_bias is not None else None,
@@ -73,13 +75,14 @@ def _reference_logps(labels, *, ref_chosen_logps, ref_rejected_logps, ref_hidden
 
 
 def _margin_state(value, name: str, device: torch.device) -> torch.Tensor:
-    """``[1]`` tensor from None (step 1: zero), a number, or a 0-d / ``[1]`` tensor."""
+    """``[1]`` float32 tensor from None (step 1: zero), a number, or a 0-d / ``[1]`` tensor (the statistics stay
+    float32 whatever dtype they arrive in)."""
     if value is None:
         return torch.zeros(1, dtype=torch.float32, device=device)
     t = torch.as_tensor(value, dtype=None if isinstance(value, torch.Tensor) else torch.float32, device=device)
     if t.numel() != 1 or not t.is_floating_point():
         raise ValueError(f"{name} must be a number or a floating tensor with one element, got {value!r}")
-    return t.reshape(1)
+    return t.reshape(1).to(torch.float32)
 
 
 def fused_alpha_dpo_loss(
@@ -137,6 +140,8 @@ def fused_alpha_dpo_loss(
         updated ``margin_mean`` / ``margin_std`` and the released trainer's metrics.
     """
     loss_type = canonical_loss_type(loss_type)
+    check_loss_hparams(beta=beta, gamma_beta_ratio=gamma_beta_ratio, alpha=alpha, ema_momentum=ema_momentum,
+                       label_smoothing=label_smoothing, std_eps=std_eps, softcap=softcap)
     check_sequence_inputs(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift, softcap=softcap,
                           check_values=check_values)
     pairs = check_pair_rows(hidden.shape[0])
@@ -216,12 +221,8 @@ class FusedAlphaDPOLoss(nn.Module):
         options: LogpsOptions | None = None,
     ) -> None:
         super().__init__()
-        if not beta > 0:
-            raise ValueError(f"beta must be positive, got {beta}")
-        if not 0.0 <= ema_momentum < 1.0:
-            raise ValueError(f"ema_momentum must be in [0, 1), got {ema_momentum}")
-        if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        check_loss_hparams(beta=beta, gamma_beta_ratio=gamma_beta_ratio, alpha=alpha, ema_momentum=ema_momentum,
+                           label_smoothing=label_smoothing, std_eps=std_eps, softcap=softcap)
         self.beta, self.gamma_beta_ratio, self.alpha = beta, gamma_beta_ratio, alpha
         self.loss_type = canonical_loss_type(loss_type)
         self.ema_momentum, self.ignore_index, self.softcap = ema_momentum, ignore_index, softcap
@@ -258,6 +259,17 @@ class FusedAlphaDPOLoss(nn.Module):
                 self.margin_mean.copy_(out.margin_mean)
                 self.margin_std.copy_(out.margin_std)
         return out
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.half()``, ``.bfloat16()`` (of this module or a parent) move the margin statistics but keep
+        them float32: rounding ``c1, c2`` to half precision would shift every later loss."""
+        saved = {name: getattr(self, name) for name in ("margin_mean", "margin_std")}
+        super()._apply(fn, recurse)
+        for name, old in saved.items():
+            new = getattr(self, name)
+            if new.dtype != torch.float32:
+                setattr(self, name, old.to(device=new.device, dtype=torch.float32))
+        return self
 
     def extra_repr(self) -> str:
         return (f"loss_type={self.loss_type!r}, beta={self.beta}, gamma_beta_ratio={self.gamma_beta_ratio}, "

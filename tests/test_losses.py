@@ -120,8 +120,8 @@ def test_fused_loss_matches_reference_path(loss_type, backend, device):
     for g, r in zip(grads, ref_grads):
         assert rel_err(g, r) < 1e-4
     expected_keys = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                     "logps/chosen", "logps/rejected", "logps/ref_chosen", "logps/ref_rejected"}
-    assert set(out.metrics) == expected_keys
+                     "logps/chosen", "logps/rejected", "logps/ref_chosen", "logps/ref_rejected", "nonfinite_pairs"}
+    assert set(out.metrics) == expected_keys and out.metrics["nonfinite_pairs"] == 0
     assert out.metrics["rewards/accuracies"].item() == pytest.approx(
         (ref["chosen"] > ref["rejected"]).double().mean().item())
 

@@ -127,7 +127,10 @@ def preference_metrics(
     ref_chosen_logps: torch.Tensor | None,
     ref_rejected_logps: torch.Tensor | None,
 ) -> dict[str, torch.Tensor]:
-    """The released trainer's metrics, as detached 0-d tensors on the input device (no host sync)."""
+    """The released trainer's metrics, as detached 0-d tensors on the input device (no host sync), and
+    ``nonfinite_pairs``: how many pairs had a non-finite log-prob (a bad batch is visible, not averaged away)."""
+    logps = [t.detach() for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+             if t is not None]
     metrics = {
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),
@@ -139,4 +142,5 @@ def preference_metrics(
     if ref_chosen_logps is not None:
         metrics["logps/ref_chosen"] = ref_chosen_logps.detach().mean()
         metrics["logps/ref_rejected"] = ref_rejected_logps.detach().mean()
+    metrics["nonfinite_pairs"] = (~torch.stack([torch.isfinite(t) for t in logps]).all(0)).sum().float()
     return metrics

@@ -4,7 +4,9 @@ The released trainer gathers ``M`` from every rank, takes ``mean`` and unbiased 
 ``c1, c2`` with momentum 0.9, starting from 0 with no bias correction. Here the same numbers come from two
 tiny all-reduces of sufficient statistics (count and sum, then the centred sum of squares), which handles
 ranks with unequal pair counts and never syncs with the host. A batch of one pair contributes std 0 (the
-released code gets NaN there and keeps it forever).
+released code gets NaN there and keeps it forever). A batch whose gathered margins are not all finite (NaN / inf
+in a live hidden state or a reference log-prob, on any rank) leaves ``c1, c2`` as they were: that step's loss is
+non-finite and says so, and the statistics of every later step are those of the clean steps alone.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def update_margin_stats(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """New ``(c1, c2)``: ``c ← m·c + (1 − m)·batch_stat``; inputs are not modified."""
     mean, std = batch_margin_stats(margins, process_group)
-    new_mean = ema_momentum * margin_mean.double() + (1.0 - ema_momentum) * mean
-    new_std = ema_momentum * margin_std.double() + (1.0 - ema_momentum) * std
+    finite = torch.isfinite(mean) & torch.isfinite(std)  # a where, not an if: no host sync
+    new_mean = torch.where(finite, ema_momentum * margin_mean.double() + (1.0 - ema_momentum) * mean,
+                           margin_mean.double())
+    new_std = torch.where(finite, ema_momentum * margin_std.double() + (1.0 - ema_momentum) * std,
+                          margin_std.double())
     return new_mean.to(margin_mean.dtype), new_std.to(margin_std.dtype)

@@ -82,6 +82,12 @@ class _SequenceLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps):
+        if torch.is_grad_enabled():  # create_graph=True: a gradient of this gradient was asked for
+            raise RuntimeError(
+                "fused_sequence_logps does not support double backward (create_graph=True): its backward recomputes "
+                "the logits in kernels autograd cannot differentiate, so a gradient penalty through it would be "
+                "wrong or silently zero. Compute its gradients without create_graph, or use "
+                "reference_sequence_logps where higher-order gradients are needed")
         with torch.autocast(device_type=grad_logps.device.type, enabled=False):
             return _SequenceLogps._backward(ctx, grad_logps)
 
@@ -145,9 +151,6 @@ def fused_sequence_logps(
     """
     check_sequence_inputs(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift,
                           softcap=softcap, check_values=check_values)
-    if hidden.dtype == torch.float64:
-        raise TypeError("hidden must be float32, bfloat16 or float16 for the fused op; float64 is for "
-                        "reference_sequence_logps")
     backend = resolve_backend(backend, hidden.device)
     # Mixed precision: under autocast the decoder hands back bf16/fp16 hidden states while the head stays in
     # float32 (master weights). Cast the head to the hidden states' dtype, as autocast does for the plain LM head;
@@ -156,6 +159,8 @@ def fused_sequence_logps(
         weight = weight.to(hidden.dtype)
     if bias is not None and bias.dtype != hidden.dtype:
         bias = bias.to(hidden.dtype)
+    if bias is not None and not bias.is_contiguous():  # the kernels read the bias with unit stride; [V] is cheap
+        bias = bias.contiguous()
     opts = options or LogpsOptions()
     if opts.softcap != softcap:
         opts = dataclasses.replace(opts, softcap=softcap)

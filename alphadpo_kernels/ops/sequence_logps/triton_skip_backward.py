@@ -88,8 +88,9 @@ def _skip_backward_kernel(
             w = tl.load(w_ptr + offs_n[:, None] * stride_wv + offs_k[None, :] * stride_wk,
                         mask=col_ok[:, None] & k_ok[None, :], other=0.0)
             dh = dot(dz_in, w, tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32), DOT_PRECISION, UPCAST_DOT)
+            # dead rows are left alone (the caller's zeros), even where a head entry is inf and 0·inf is NaN
             tl.atomic_add(dh_ptr + offs_m[:, None] * H + offs_k[None, :], dh,
-                          mask=row_ok[:, None] & k_ok[None, :], sem="relaxed")
+                          mask=live[:, None] & k_ok[None, :], sem="relaxed")
         if NEED_DW:
             h = tl.load(h_ptr + offs_m[:, None] * stride_hn + offs_k[None, :] * stride_hk,
                         mask=live[:, None] & k_ok[None, :], other=0.0)
