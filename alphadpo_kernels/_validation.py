@@ -108,10 +108,11 @@ def check_label_values(labels: torch.Tensor, vocab: int, *, ignore_index: int, s
 
 
 def check_pair_rows(rows: int, name: str = "hidden") -> int:
-    """The chosen-first layout needs an even number of rows; returns the number of pairs."""
+    """The chosen-first layout needs an even number of sequences; returns the number of pairs."""
     if rows % 2 != 0:
+        what = "rows" if name == "hidden" else "sequences"
         raise ValueError(
-            f"{name} must hold 2·P rows (P chosen responses, then P rejected ones), got an odd number: {rows}"
+            f"{name} must hold 2·P {what} (P chosen responses, then P rejected ones), got an odd number: {rows}"
         )
     return rows // 2
 
@@ -153,3 +154,62 @@ def check_loss_hparams(*, beta, gamma_beta_ratio, alpha, ema_momentum, label_smo
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
                                 or not (math.isfinite(softcap) and softcap > 0)):
         raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
+
+
+def check_packed_inputs(hidden: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor,
+                        prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """Shapes and dtypes of packed input; returns ``hidden`` as ``[N, H]`` and ``labels`` as ``[N]``."""
+    h_name = f"{prefix}hidden"
+    hidden = _require_tensor(hidden, h_name)
+    labels = _require_tensor(labels, "labels")
+    cu_seqlens = _require_tensor(cu_seqlens, "cu_seqlens")
+    if hidden.dim() == 3 and hidden.shape[0] == 1:
+        hidden = hidden[0]
+    if labels.dim() == 2 and labels.shape[0] == 1:
+        labels = labels[0]
+    if hidden.dim() != 2:
+        raise ValueError(f"with cu_seqlens, {h_name} must be packed as [N, H] or [1, N, H], got {tuple(hidden.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != hidden.shape[0]:
+        raise ValueError(f"with cu_seqlens, labels must be packed as [N] or [1, N] with N = {hidden.shape[0]} "
+                         f"(from {h_name}), got {tuple(labels.shape)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise TypeError(f"cu_seqlens must be a 1-D int32 / int64 tensor [S + 1] of sequence boundaries, got "
+                        f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != hidden.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but {h_name} is on {hidden.device}")
+    return hidden, labels
+
+
+def check_cu_seqlens_values(cu_seqlens: torch.Tensor, n_tokens: int) -> None:
+    """``cu_seqlens`` starts at 0, ends at N, never decreases and holds no empty sequence (a host sync)."""
+    cu = cu_seqlens.long()
+    if int(cu[0]) != 0 or int(cu[-1]) != n_tokens:
+        raise ValueError(f"cu_seqlens must start at 0 and end at N = {n_tokens} (the packed tokens), got "
+                         f"{int(cu[0])} ... {int(cu[-1])}")
+    lengths = cu[1:] - cu[:-1]
+    if bool((lengths < 0).any()):
+        i = int((lengths < 0).nonzero()[0])
+        raise ValueError(f"cu_seqlens must not decrease; cu_seqlens[{i + 1}] = {int(cu[i + 1])} < "
+                         f"cu_seqlens[{i}] = {int(cu[i])}")
+    if bool((lengths == 0).any()):
+        empty = (lengths == 0).nonzero().flatten().tolist()
+        raise ValueError(f"cu_seqlens holds empty sequences {empty[:8]}{' ...' if len(empty) > 8 else ''}")
+
+
+def check_packed_values(labels: torch.Tensor, seg: torch.Tensor, n_seq: int, vocab: int, *, ignore_index: int,
+                        shift: bool, vocab_of: str = "weight") -> None:
+    """Packed labels (already shifted when ``shift``) are in range and every sequence keeps a live one; run after
+    :func:`check_cu_seqlens_values`. Reads values: a host sync."""
+    live = labels != ignore_index
+    bad = live & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        t = int(bad.nonzero()[0])
+        raise ValueError(f"labels must be in [0, {vocab}) (the vocabulary of {vocab_of}) or "
+                         f"ignore_index={ignore_index}; packed position {t} (sequence {int(seg[t])}) holds "
+                         f"{int(labels[t])}")
+    counts = torch.zeros(n_seq, device=labels.device).index_add_(0, seg, live.float())
+    if bool((counts == 0).any()):
+        rows = (counts == 0).nonzero().flatten().tolist()
+        where = " after the next-token shift" if shift else ""
+        raise ValueError(f"cu_seqlens sequences {rows[:8]}{' ...' if len(rows) > 8 else ''} have no live label"
+                         f"{where}; their log-prob would be 0/0")

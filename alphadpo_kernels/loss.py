@@ -11,7 +11,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ._validation import check_loss_hparams, check_pair_rows, check_ref_logps, check_sequence_inputs
+from ._validation import (
+    check_cu_seqlens_values,
+    check_loss_hparams,
+    check_packed_inputs,
+    check_packed_values,
+    check_pair_rows,
+    check_ref_logps,
+    check_sequence_inputs,
+)
 from .losses import (
     alpha_dpo_head,
     canonical_loss_type,
@@ -21,7 +29,7 @@ from .losses import (
     preference_metrics,
     simpo_head,
 )
-from .ops.sequence_logps import Backend, LogpsOptions, fused_sequence_logps
+from .ops.sequence_logps import Backend, LogpsOptions, fused_sequence_logps, packed_layout, shift_packed_labels
 
 __all__ = ["AlphaDPOOutput", "FusedAlphaDPOLoss", "fused_alpha_dpo_loss"]
 
@@ -40,6 +48,25 @@ class AlphaDPOOutput:
     margin_mean: torch.Tensor | None  # [1], α-DPO's running c1 after this call
     margin_std: torch.Tensor | None  # [1], α-DPO's running c2 after this call
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _check_head_inputs(hidden, weight, labels, bias, cu_seqlens, *, prefix, seq_kwargs, check_values) -> int:
+    """Validate one head's inputs, padded or packed; returns the number of sequences."""
+    kw = dict(ignore_index=seq_kwargs["ignore_index"], softcap=seq_kwargs["softcap"], prefix=prefix)
+    if cu_seqlens is None:
+        check_sequence_inputs(hidden, weight, labels, bias, shift=seq_kwargs["shift"], check_values=check_values, **kw)
+        return hidden.shape[0]
+    hidden, labels = check_packed_inputs(hidden, labels, cu_seqlens, prefix=prefix)
+    check_sequence_inputs(hidden[None], weight, labels[None], bias, shift=False, check_values=False, **kw)
+    n_seq = cu_seqlens.numel() - 1
+    if check_values:
+        check_cu_seqlens_values(cu_seqlens, labels.numel())
+        seg, last = packed_layout(cu_seqlens, labels.numel())
+        if seq_kwargs["shift"]:
+            labels = shift_packed_labels(labels, last, seq_kwargs["ignore_index"])
+        check_packed_values(labels, seg, n_seq, weight.shape[0], ignore_index=seq_kwargs["ignore_index"],
+                            shift=seq_kwargs["shift"], vocab_of=f"{prefix}weight")
+    return n_seq
 
 
 def _reference_logps(labels, *, ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias,
@@ -64,9 +91,8 @@ def _reference_logps(labels, *, ref_chosen_logps, ref_rejected_logps, ref_hidden
         raise ValueError("ref_hidden given without ref_weight; pass ref_weight=weight if the reference model "
                          "shares the policy's LM head")
     # the reference head's own vocabulary bounds the labels too (a smaller ref_weight would read garbage rows)
-    check_sequence_inputs(ref_hidden, ref_weight, labels, ref_bias, ignore_index=seq_kwargs["ignore_index"],
-                          shift=seq_kwargs["shift"], softcap=seq_kwargs["softcap"], check_values=check_values,
-                          prefix="ref_")
+    _check_head_inputs(ref_hidden, ref_weight, labels, ref_bias, seq_kwargs.get("cu_seqlens"), prefix="ref_",
+                       seq_kwargs=seq_kwargs, check_values=check_values)
     with torch.no_grad():
         ref = fused_sequence_logps(ref_hidden.detach(), ref_weight.detach(), labels,
                                    bias=ref_bias.detach() if ref_bias is not None else None,
@@ -114,14 +140,19 @@ def fused_alpha_dpo_loss(
     check_values: bool = True,
     options: LogpsOptions | None = None,
     process_group=None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> AlphaDPOOutput:
     """Fused preference loss, functional form (the margin state is passed and returned, never mutated).
 
     Args:
-        hidden: ``[2P, T, H]`` policy last hidden states, chosen rows first.
+        hidden: ``[2P, T, H]`` policy last hidden states, chosen rows first; or packed ``[N, H]`` / ``[1, N, H]``
+            with ``cu_seqlens``.
         weight: ``[V, H]`` policy LM-head weight (``bias``: optional ``[V]``).
-        labels: ``[2P, T]`` target ids, ``ignore_index`` on prompt and padding; with ``shift=True`` they are
-            the input ids (logit ``t`` scores ``labels[:, t+1]``), as in a TRL / released-trainer batch.
+        labels: ``[2P, T]`` (packed: ``[N]`` / ``[1, N]``) target ids, ``ignore_index`` on prompt and padding; with
+            ``shift=True`` they are the input ids (logit ``t`` scores the next label of its sequence), as in a
+            TRL / released-trainer batch.
+        cu_seqlens: packed (padding-free) input: int ``[2P + 1]`` boundaries of the 2P sequences in the padded
+            rows' order (the P chosen, then the P rejected); ``ref_hidden`` is then packed the same way.
         margin_mean, margin_std: α-DPO running ``c1, c2`` (``[1]`` tensors or numbers; zeros when None,
             i.e. step 1).
         ref_chosen_logps, ref_rejected_logps: ``[P]`` precomputed reference log-probs, or
@@ -142,11 +173,11 @@ def fused_alpha_dpo_loss(
     loss_type = canonical_loss_type(loss_type)
     check_loss_hparams(beta=beta, gamma_beta_ratio=gamma_beta_ratio, alpha=alpha, ema_momentum=ema_momentum,
                        label_smoothing=label_smoothing, std_eps=std_eps, softcap=softcap)
-    check_sequence_inputs(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift, softcap=softcap,
-                          check_values=check_values)
-    pairs = check_pair_rows(hidden.shape[0])
     seq_kwargs = dict(ignore_index=ignore_index, average=average_log_prob, softcap=softcap, shift=shift,
-                      backend=backend, options=options)
+                      backend=backend, options=options, cu_seqlens=cu_seqlens)
+    n_seq = _check_head_inputs(hidden, weight, labels, bias, cu_seqlens, prefix="", seq_kwargs=seq_kwargs,
+                               check_values=check_values)
+    pairs = check_pair_rows(n_seq, "hidden" if cu_seqlens is None else "cu_seqlens")
     ref_c, ref_r = _reference_logps(
         labels, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps, ref_hidden=ref_hidden,
         ref_weight=ref_weight, ref_bias=ref_bias, pairs=pairs, device=hidden.device, loss_type=loss_type,
@@ -244,8 +275,10 @@ class FusedAlphaDPOLoss(nn.Module):
         ref_weight: torch.Tensor | None = None,
         ref_bias: torch.Tensor | None = None,
         backend: Backend = "auto",
+        cu_seqlens: torch.Tensor | None = None,
     ) -> AlphaDPOOutput:
-        """See :func:`fused_alpha_dpo_loss` for shapes; the margin state comes from this module's buffers."""
+        """See :func:`fused_alpha_dpo_loss` for shapes (padded, or packed with ``cu_seqlens``); the margin state
+        comes from this module's buffers."""
         out = fused_alpha_dpo_loss(
             hidden, weight, labels, margin_mean=self.margin_mean, margin_std=self.margin_std, bias=bias,
             ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps, ref_hidden=ref_hidden,
@@ -253,7 +286,8 @@ class FusedAlphaDPOLoss(nn.Module):
             alpha=self.alpha, loss_type=self.loss_type, ema_momentum=self.ema_momentum,
             update_stats=self.training, ignore_index=self.ignore_index, softcap=self.softcap,
             average_log_prob=self.average_log_prob, shift=self.shift, label_smoothing=self.label_smoothing,
-            std_eps=self.std_eps, backend=backend, check_values=self.check_values, options=self.options)
+            std_eps=self.std_eps, backend=backend, check_values=self.check_values, options=self.options,
+            cu_seqlens=cu_seqlens)
         if self.training and out.margin_mean is not None:
             with torch.no_grad():
                 self.margin_mean.copy_(out.margin_mean)

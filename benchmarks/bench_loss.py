@@ -46,11 +46,12 @@ from alphadpo_kernels import LogpsOptions, fused_alpha_dpo_loss, reference_seque
 from alphadpo_kernels.losses import alpha_dpo_head, simpo_head  # noqa: E402
 from alphadpo_kernels.ops.sequence_logps.tuning import cuda_time_ms  # noqa: E402
 
-METHODS = ("fused", "fused-lean", "cublas", "naive", "liger", "cce", "trl", "fused-filter", "fused-torch",
-           "fused-torch-noext")
-FUSED = {"fused": "triton", "fused-lean": "triton", "fused-filter": "triton", "cublas": "cublas",
-         "fused-torch": "torch", "fused-torch-noext": "torch"}
-REGIMES = ("uniform", "peaked")
+METHODS = ("fused", "fused-lean", "cublas", "naive", "liger", "cce", "trl", "fused-filter", "fused-packed",
+           "fused-torch", "fused-torch-packed", "fused-torch-noext")
+FUSED = {"fused": "triton", "fused-lean": "triton", "fused-filter": "triton", "fused-packed": "triton",
+         "cublas": "cublas", "fused-torch": "torch", "fused-torch-packed": "torch", "fused-torch-noext": "torch"}
+REGIMES = ("uniform", "peaked", "ragged")
+DEFAULT_REGIMES = ("uniform", "peaked")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GPU_DEFAULTS = dict(T=[1024, 4096, 16384, 32768], H=4096, V=128256, dtype="bf16")
 # The CPU head is 1/16 of Llama-3's in H and V; the fused paths' scratch budget is scaled from 64 MB to 4 MB with
@@ -115,7 +116,9 @@ def make_inputs(case: Case):
     """Hidden ``[2P, T, H]``, head ``[V, H]``, labels ``[2P, T]`` and fixed reference log-probs.
 
     ``uniform``: random hidden states and head, uniform labels: a near-uniform softmax, the worst case for
-    skipping tiles. ``peaked``: built like a trained LM's output. The head carries a Zipf log-frequency prior
+    skipping tiles. ``ragged``: as uniform, but each response has its own length drawn from a long-tailed
+    distribution up to T (median ≈ T/5; lognormal) and the first tenth of it is prompt; the rest of the row is
+    padding, which a padding-free (packed) batch leaves out. ``peaked``: built like a trained LM's output. The head carries a Zipf log-frequency prior
     along one hidden direction (logit ``−1.2·log(rank + 1)``: frequent ids on top, the rare tail many nats
     down), labels are Zipf-distributed, and each hidden state is pulled towards its label's head row, the
     pull scaled so that the mean token entropy is ``TARGET_ENTROPY`` (3 nats; measured and printed).
@@ -124,9 +127,14 @@ def make_inputs(case: Case):
     gen = torch.Generator(device=dev).manual_seed(case.seed)
     rows = 2 * case.pairs
     weight = torch.randn(case.V, case.H, generator=gen, device=dev) * (case.H ** -0.5)
-    if case.regime == "uniform":
+    if case.regime in ("uniform", "ragged"):
         labels = torch.randint(0, case.V, (rows, case.T), generator=gen, device=dev)
         hidden = torch.randn(rows, case.T, case.H, generator=gen, device=dev)
+        if case.regime == "ragged":
+            lengths = ragged_lengths(rows, case.T, gen, dev)
+            pos = torch.arange(case.T, device=dev)[None, :]
+            prompt = (lengths.float() * 0.1).ceil().long()[:, None]
+            labels = labels.masked_fill((pos >= lengths[:, None]) | (pos < prompt), -100)
     else:
         log_freq = -torch.log(torch.arange(case.V, device=dev, dtype=torch.float32) + 1.0)
         labels = torch.multinomial(log_freq.exp(), rows * case.T, replacement=True, generator=gen).view(rows, case.T)
@@ -141,6 +149,24 @@ def make_inputs(case: Case):
         hidden = free.mul_(scale).add_(u * PRIOR_SLOPE)
     ref = -1.5 - torch.rand(rows, generator=gen, device=dev)
     return hidden.to(dt), weight.to(dt), labels, ref[: case.pairs], ref[case.pairs:]
+
+
+def ragged_lengths(rows: int, T: int, gen, device) -> torch.Tensor:
+    """Long-tailed response lengths in [max(4, T/16), T]: lognormal, median ≈ T/5."""
+    x = torch.exp(torch.randn(rows, generator=gen, device=device) - 1.6)
+    return (x * T).round().long().clamp(max(4, T // 16), T)
+
+
+def pack_rows(hidden: torch.Tensor, labels: torch.Tensor):
+    """Padding-free layout of padded rows: each row up to its last live label, concatenated; ``keep`` marks the
+    padded positions that were kept."""
+    pos = torch.arange(labels.shape[1], device=labels.device)[None, :]
+    last = torch.where(labels != -100, pos, -1).amax(1)
+    keep = pos <= last[:, None]
+    lengths = keep.sum(1)
+    cu = torch.zeros(labels.shape[0] + 1, dtype=torch.int32, device=labels.device)
+    cu[1:] = lengths.cumsum(0)
+    return hidden[keep].contiguous(), labels[keep], cu, keep
 
 
 PULL = 6.0  # how far each hidden state leans towards its label's head row, in units of the noise
@@ -198,11 +224,20 @@ def method_fn(method: str, budget_mb: float | None = None) -> Callable:
                                filter_eps="auto" if method == "fused-filter" else None,
                                use_extension=method != "fused-torch-noext")
 
+        layout: dict = {}
+
         def run(hidden, weight, labels, ref_c, ref_r):
             return fused_alpha_dpo_loss(hidden, weight, labels, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
                                         margin_mean=torch.tensor([0.1], device=hidden.device),
                                         margin_std=torch.tensor([0.5], device=hidden.device),
-                                        backend=backend, check_values=False, options=options, **HPARAMS).loss
+                                        backend=backend, check_values=False, options=options,
+                                        cu_seqlens=layout.get("cu"), **HPARAMS).loss
+
+        if method.endswith("-packed"):  # a padding-free batch: the decoder hands over the packed tokens only
+            def prepare(hidden, labels):
+                packed_hidden, packed_labels, layout["cu"], layout["keep"] = pack_rows(hidden, labels)
+                return packed_hidden, packed_labels
+            run.prepare, run.layout = prepare, layout
         return run
     if method == "naive":
         return lambda h, w, y, rc, rr: _alpha_dpo(_naive_logps(h, w, y), rc, rr, h.shape[0] // 2)
@@ -261,7 +296,7 @@ def _trl_method() -> Callable:
 
 def unavailable_reason(method: str, device: str) -> str:
     """Why a method cannot run here ('' when it can)."""
-    if method in ("fused", "fused-lean", "fused-filter") and device != "cuda":
+    if method in ("fused", "fused-lean", "fused-filter", "fused-packed") and device != "cuda":
         return "Triton kernels need a CUDA device (the CPU interpreter is for tests, not timing)"
     if method == "cublas":
         if device != "cuda":
@@ -368,6 +403,13 @@ def measure(case: Case, fn: Callable | None = None) -> Row:
     try:
         hidden, weight, labels, ref_c, ref_r = make_inputs(case)
         row.entropy = token_entropy(hidden, weight)
+        padded = (hidden, labels)
+        if hasattr(fn, "prepare"):
+            hidden, labels = fn.prepare(hidden, labels)
+        tokens = hidden.numel() // case.H
+        row.extra["decoder_tokens"] = tokens  # what the decoder would have run: padded rows, or packed tokens
+        row.extra["live_tokens"] = int((labels != -100).sum())
+        row.floor_mb = (tokens * case.H + case.V * case.H) * esize / 2**20
         hidden.requires_grad_(True)
         weight.requires_grad_(True)
 
@@ -392,7 +434,7 @@ def measure(case: Case, fn: Callable | None = None) -> Row:
         row.time_vs_gemm = row.ms / row.gemm_ms
         row.peak_vs_floor = row.peak_mem_mb / row.floor_mb
         if case.check:
-            row.loss_rel_diff, row.grad_rel_diff = _check(case, fn, hidden, weight, labels, ref_c, ref_r)
+            row.loss_rel_diff, row.grad_rel_diff = _check(case, fn, hidden, weight, labels, ref_c, ref_r, padded)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a row, and the run goes on
         row.status = "OOM" if is_oom(exc) else "error"
         row.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
@@ -403,15 +445,18 @@ def measure(case: Case, fn: Callable | None = None) -> Row:
     return row
 
 
-def _check(case, fn, hidden, weight, labels, ref_c, ref_r):
+def _check(case, fn, hidden, weight, labels, ref_c, ref_r, padded):
     results = []
-    for f in (fn, reference_method(case.method)):
-        hidden.grad = weight.grad = None
-        loss = f(hidden, weight, labels, ref_c, ref_r)
+    runs = [(fn, hidden, labels), (reference_method(case.method), padded[0].detach().requires_grad_(), padded[1])]
+    for f, h, y in runs:
+        h.grad = weight.grad = None
+        loss = f(h, weight, y, ref_c, ref_r)
         loss.backward()
-        results.append((loss.detach(), hidden.grad.clone(), weight.grad.clone()))
+        results.append((loss.detach(), h.grad.clone(), weight.grad.clone()))
     hidden.grad = weight.grad = None
     (l1, h1, w1), (l0, h0, w0) = results
+    if hasattr(fn, "layout"):  # packed: compare with the padded gradient at the kept positions
+        h0 = h0[fn.layout["keep"]]
     return _rel(l1, l0), max(_rel(h1, h0), _rel(w1, w0))
 
 
@@ -443,14 +488,16 @@ def print_table(rows: list[Row], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title, show_lines=False)
-    for col in ("regime", "T", "N", "method", "ms", "×GEMM", "peak MB", "×floor", "loss Δ", "grad Δ", "status"):
+    for col in ("regime", "T", "N", "method", "decoder tok", "ms", "×GEMM", "peak MB", "×floor", "loss Δ", "grad Δ",
+                "status"):
         table.add_column(col, justify="left" if col in ("regime", "method", "status") else "right")
 
     def f(x, fmt):
         return "" if x is None else format(x, fmt)
 
     for r in rows:
-        table.add_row(r.regime, str(r.T), str(r.N), r.method, f(r.ms, ".1f"), f(r.time_vs_gemm, ".2f"),
+        table.add_row(r.regime, str(r.T), str(r.N), r.method, str(r.extra.get("decoder_tokens", "")),
+                      f(r.ms, ".1f"), f(r.time_vs_gemm, ".2f"),
                       f(r.peak_mem_mb, ".1f"), f(r.peak_vs_floor, ".2f"), f(r.loss_rel_diff, ".1e"),
                       f(r.grad_rel_diff, ".1e"), r.status if r.status == "ok" else f"{r.status}: {r.reason}")
     Console(width=200).print(table)
@@ -463,7 +510,7 @@ def plot(rows: list[Row], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    styles = {"uniform": "-", "peaked": "--"}
+    styles = {"uniform": "-", "peaked": "--", "ragged": ":"}
     for (ax, key, label) in ((axes[0], "peak_mem_mb", "peak memory above inputs (MB)"), (axes[1], "ms", "fwd+bwd time (ms)")):
         for method in METHODS:
             for regime in REGIMES:
@@ -575,7 +622,8 @@ def parse_args(argv=None):
     p.add_argument("--V", type=int, help="vocabulary size (default: GPU 128256, CPU 8192)")
     p.add_argument("--dtype", choices=list(DTYPES), help="input dtype (default: GPU bf16, CPU fp32)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(REGIMES))
+    p.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(DEFAULT_REGIMES),
+                   help="ragged: long-tailed response lengths, for padded vs packed (fused-packed) rows")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -614,7 +662,8 @@ def main(argv=None) -> list[Row]:
         ent = [r.entropy for r in rows if r.regime == regime and r.entropy is not None]
         if ent:
             print(f"mean token entropy, {regime}: {statistics.mean(ent):.2f} nats")
-    print(f"memory floor = dH + dW; ×GEMM = time / one h·Wᵀ GEMM of the same shape, same run; "
+    print(f"memory floor = dH + dW; ×GEMM = time / one h·Wᵀ GEMM over the tokens the call receives, same run; "
+          f"decoder tok = tokens a decoder would process (padded rows, or packed: fused-*-packed); "
           f"loss Δ / grad Δ = max relative difference vs naive (Liger: vs naive SimPO). {time.time() - started:.0f} s")
     for target, measured, met in spec_targets(rows):
         print(f"SPEC §4 {'MET ' if met else 'MISSED'} {target}: {measured}")

@@ -3,7 +3,8 @@
 # results land under $OUT as they are measured, the rows that matter first, so a run cut short keeps them:
 #   1. every method at N = 16k tokens (2 pairs x 2 x 4096), uniform logits: the SPEC §4 time and memory targets
 #   2. the GPU tests (real compilation, exactness at a real head, SPEC §4 memory bounds by the caching allocator)
-#   3. the T sweep (N = 4k, 64k, 128k... as GPU_PAIRS gives), 4. peaked logits, 5. the block-size autotuner
+#   3. the T sweep (N = 4k, 64k, 128k... as GPU_PAIRS gives), 4. peaked logits, 5. ragged lengths padded vs
+#   packed, 6. the block-size autotuner
 # Without a GPU it is a dry run of the same steps at tiny shapes:   OUT=/tmp/gpu_out bash benchmarks/gpu_check.sh
 # Peers (liger-kernel, cut-cross-entropy, trl and its pure-Python dependencies) travel as wheels in .whl/,
 # fetched beforehand with benchmarks/fetch_peer_wheels.sh (the GPU machine has no network).
@@ -44,6 +45,7 @@ if python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
   step bench-sweep 100 "${BENCH[@]}" --T 16384 32768 1024 --regimes uniform \
     --methods fused fused-lean cublas naive trl cce liger
   step bench-peaked 45 "${BENCH[@]}" --T 4096 --regimes peaked --methods fused fused-filter liger naive
+  step bench-ragged 30 "${BENCH[@]}" --T 4096 16384 --regimes ragged --methods fused fused-packed
   export ALPHADPO_TUNING_CACHE="$OUT/tuning.json"  # measured block sizes, for the next session to adopt
   step autotune 60 python3 benchmarks/autotune.py --repeats 3
 else
@@ -53,6 +55,7 @@ else
   step tests 60 python3 -m pytest tests/test_gpu.py -m gpu -q -ra
   step bench-sweep 60 "${BENCH[@]}" "${TINY[@]}" --T 8 32 --regimes uniform --methods fused naive
   step bench-peaked 60 "${BENCH[@]}" "${TINY[@]}" --T 16 --regimes peaked --methods fused fused-filter naive
+  step bench-ragged 60 "${BENCH[@]}" "${TINY[@]}" --T 16 --regimes ragged --methods fused-torch fused-torch-packed
   step autotune 30 python3 benchmarks/autotune.py
 fi
 [ -f "$OUT/bench.jsonl" ] && python3 benchmarks/render_results.py "$OUT/bench.jsonl" >"$OUT/summary.md" 2>&1

@@ -41,8 +41,8 @@ def shape_dependent_rounding(monkeypatch):
     and bf16 results differ with it): the same pair scored in differently shaped batches gets other numbers."""
     real = modeling.last_hidden_states
 
-    def nudged(model, input_ids, attention_mask):
-        hidden = real(model, input_ids, attention_mask)
+    def nudged(model, input_ids, attention_mask, position_ids=None):
+        hidden = real(model, input_ids, attention_mask, position_ids)
         return hidden + 1e-3 * ((input_ids.shape[0] * 31 + input_ids.shape[1]) % 7)
 
     monkeypatch.setattr(modeling, "last_hidden_states", nudged)

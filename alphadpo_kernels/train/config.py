@@ -54,6 +54,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw (torch) | adamw_kahan (optimi's Kahan-compensated AdamW, for bf16 weights)
     gradient_checkpointing: bool = True  # released: true
     backend: str = "auto"
+    padding_free: bool = False  # pack each micro-batch's 2P sequences into one row (position_ids restart)
     memory: str = "fast"  # the fused loss's backward: fast (4 GEMM units) | lean (5 units, <= 1.1 x its gradients)
     # bookkeeping
     logging_steps: int = 5  # released: 5; metrics are means over the window, as HF / TRL log them

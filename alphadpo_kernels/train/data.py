@@ -212,13 +212,28 @@ def tokenizer_fingerprint(tokenizer) -> dict:
 
 @dataclass
 class PreferenceCollator:
-    """Chosen-first ``[2P, T]`` batches: rows ``0..P-1`` chosen, ``P..2P-1`` rejected, right-padded."""
+    """Chosen-first ``[2P, T]`` batches: rows ``0..P-1`` chosen, ``P..2P-1`` rejected, right-padded.
+
+    With ``padding_free``, the 2P sequences are packed into one row in the same order: ``input_ids`` /
+    ``labels`` / ``position_ids`` ``[1, N]`` (positions restart at 0 for each sequence, no attention mask: the
+    decoder attends within each sequence), and ``cu_seqlens`` ``[2P + 1]`` for the fused loss.
+    """
 
     pad_token_id: int
+    padding_free: bool = False
 
     def __call__(self, items: list[dict]) -> dict:
         seqs = [it["chosen_input_ids"] for it in items] + [it["rejected_input_ids"] for it in items]
         labels = [it["chosen_labels"] for it in items] + [it["rejected_labels"] for it in items]
+        index = torch.tensor([it["index"] for it in items])
+        if self.padding_free:
+            lengths = torch.tensor([len(q) for q in seqs])
+            cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+            cu[1:] = lengths.cumsum(0)
+            return {"input_ids": torch.tensor([t for q in seqs for t in q])[None],
+                    "labels": torch.tensor([t for lab in labels for t in lab])[None],
+                    "position_ids": torch.cat([torch.arange(n) for n in lengths.tolist()])[None],
+                    "cu_seqlens": cu, "index": index}
         width = max(len(s) for s in seqs)
         input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
         label_t = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
@@ -227,8 +242,7 @@ class PreferenceCollator:
             input_ids[i, : len(s)] = torch.tensor(s)
             label_t[i, : len(lab)] = torch.tensor(lab)
             mask[i, : len(s)] = 1
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t,
-                "index": torch.tensor([it["index"] for it in items])}
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "index": index}
 
 
 class EpochSampler(torch.utils.data.Sampler):

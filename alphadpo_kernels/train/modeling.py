@@ -40,9 +40,34 @@ def softcap_of(model: nn.Module) -> float | None:
     return getattr(model.config, "final_logit_softcapping", None) or None
 
 
-def last_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    out = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+def last_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The decoder's last hidden states. Packed (padding-free) input passes ``position_ids`` that restart at 0 for
+    each sequence and no attention mask: transformers then attends within each sequence (and ``use_cache`` must
+    be off, or it does not look)."""
+    kwargs = {"position_ids": position_ids} if position_ids is not None else {}
+    out = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def check_padding_free(model: nn.Module) -> None:
+    """Padding-free batches need transformers to find the packed sequences from ``position_ids`` (≥ 4.56, its
+    masking utilities) and an attention implementation that honours it."""
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError as exc:
+        import transformers
+
+        raise ValueError(f"padding_free needs transformers >= 4.56 (packed sequences found from position_ids); "
+                         f"this is {transformers.__version__}") from exc
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl not in PACKED_ATTENTION:
+        raise ValueError(f"padding_free needs an attention implementation that attends within packed sequences "
+                         f"({', '.join(PACKED_ATTENTION)}); {type(model).__name__} uses {impl!r} "
+                         f"(set attn_implementation)")
 
 
 @contextlib.contextmanager
@@ -93,10 +118,12 @@ class PreferenceModel(nn.Module):
                 ref = ref_model(batch).float()
             p = ref.shape[0] // 2
             ref_kwargs = dict(ref_chosen_logps=ref[:p], ref_rejected_logps=ref[p:])
-        hidden = last_hidden_states(self.policy, batch["input_ids"], batch["attention_mask"])
+        hidden = last_hidden_states(self.policy, batch["input_ids"], batch.get("attention_mask"),
+                                    batch.get("position_ids"))
+        packed = {"cu_seqlens": batch["cu_seqlens"]} if "cu_seqlens" in batch else {}
 
         def fused(weight, bias, hidden, labels):
-            return self.loss_fn(hidden, weight, labels, bias=bias, backend=self.backend, **ref_kwargs)
+            return self.loss_fn(hidden, weight, labels, bias=bias, backend=self.backend, **ref_kwargs, **packed)
 
         return call_through_head(self.policy, fused, hidden, batch["labels"])
 
@@ -104,11 +131,12 @@ class PreferenceModel(nn.Module):
 @torch.no_grad()
 def reference_logps(ref_model: nn.Module, batch: dict, loss_fn: FusedAlphaDPOLoss, backend: str = "auto") -> torch.Tensor:
     """``[2P]`` reference log-probs from one no-grad decoder pass and the fused forward kernel."""
-    hidden = last_hidden_states(ref_model, batch["input_ids"], batch["attention_mask"])
+    hidden = last_hidden_states(ref_model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
 
     def fused(weight, bias, hidden, labels):
         return fused_sequence_logps(hidden, weight, labels, bias=bias, ignore_index=loss_fn.ignore_index,
                                     average=loss_fn.average_log_prob, softcap=softcap_of(ref_model),
-                                    shift=loss_fn.shift, backend=backend, check_values=False)
+                                    shift=loss_fn.shift, cu_seqlens=batch.get("cu_seqlens"), backend=backend,
+                                    check_values=False)
 
     return call_through_head(ref_model, fused, hidden, batch["labels"]).float()

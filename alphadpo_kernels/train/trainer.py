@@ -35,7 +35,7 @@ from .data import (
     source_fingerprint,
     tokenizer_fingerprint,
 )
-from .modeling import PreferenceModel, softcap_of
+from .modeling import PreferenceModel, check_padding_free, softcap_of
 from .reference import cache_key, precompute_reference, prepare_reference, weights_fingerprint
 
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -223,9 +223,11 @@ def train(cfg: TrainConfig) -> dict:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.padding_free:
+        check_padding_free(policy)
     model = PreferenceModel(policy, loss_fn, backend=cfg.backend)
 
-    collate = PreferenceCollator(tokenizer.pad_token_id)
+    collate = PreferenceCollator(tokenizer.pad_token_id, padding_free=cfg.padding_free)
     sampler = EpochSampler(len(train_ds), cfg.seed)
     train_dl = accelerator.prepare(torch.utils.data.DataLoader(
         train_ds, batch_size=cfg.per_device_train_batch_size, sampler=sampler, collate_fn=collate))

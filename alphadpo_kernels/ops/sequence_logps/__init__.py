@@ -9,7 +9,12 @@ from typing import Literal
 
 import torch
 
-from ..._validation import check_sequence_inputs
+from ..._validation import (
+    check_cu_seqlens_values,
+    check_packed_inputs,
+    check_packed_values,
+    check_sequence_inputs,
+)
 from .naive import reference_sequence_logps, shift_labels
 from .options import LogpsOptions
 
@@ -60,25 +65,33 @@ def _backend_module(name: str):
 
 
 class _SequenceLogps(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, average: bool, backend: str, opts: LogpsOptions):
-        # Autocast must not touch the kernels' own precision choices (fp32 accumulation, upcast GEMMs).
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
-            return _SequenceLogps._forward(ctx, hidden, weight, bias, targets, average, backend, opts)
+    """hidden ``[..., H]`` (padded ``[rows, T, H]`` or packed ``[N, H]``), flat targets ``[N]`` (-1 where dead) and
+    ``seg`` ``[N]``: the sequence each token belongs to (None for the padded layout: token ``n`` is in row
+    ``n // T``). Returns ``[n_seq]`` float32 per-sequence sums or means."""
 
     @staticmethod
-    def _forward(ctx, hidden, weight, bias, targets, average, backend, opts):
-        rows, seq, hdim = hidden.shape
-        hidden2d = hidden.reshape(rows * seq, hdim)  # a view for the usual contiguous [rows, T, H]
+    def forward(ctx, hidden, weight, bias, targets, seg, n_seq: int, average: bool, backend: str, opts: LogpsOptions):
+        # Autocast must not touch the kernels' own precision choices (fp32 accumulation, upcast GEMMs).
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return _SequenceLogps._forward(ctx, hidden, weight, bias, targets, seg, n_seq, average, backend, opts)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, targets, seg, n_seq, average, backend, opts):
+        hdim = hidden.shape[-1]
+        hidden2d = hidden.reshape(-1, hdim)  # a view for the usual contiguous layouts
         fwd, _ = _backend_module(backend)
-        flat_targets = targets.reshape(-1)
-        token_logps, lse = fwd(hidden2d, weight, bias, flat_targets, opts)
+        token_logps, lse = fwd(hidden2d, weight, bias, targets, opts)
         live = targets >= 0
-        denom = live.sum(1).to(torch.float32) if average else torch.ones(rows, device=hidden.device)
-        logps = torch.where(live, token_logps.view(rows, seq), 0.0).sum(1) / denom
-        ctx.save_for_backward(hidden2d, weight, bias, flat_targets, lse, denom)
-        ctx.meta = (rows, seq, backend, opts)
-        return logps
+        token_logps = torch.where(live, token_logps, 0.0)
+        if seg is None:  # padded: one row per sequence
+            sums, counts = token_logps.view(n_seq, -1).sum(1), live.view(n_seq, -1).sum(1)
+        else:  # packed: segment sums (deterministic on every device: index_add_ of float32 in token order)
+            sums = torch.zeros(n_seq, device=hidden.device).index_add_(0, seg, token_logps)
+            counts = torch.zeros(n_seq, device=hidden.device).index_add_(0, seg, live.float())
+        denom = counts.to(torch.float32) if average else torch.ones(n_seq, device=hidden.device)
+        ctx.save_for_backward(hidden2d, weight, bias, targets, seg, lse, denom)
+        ctx.meta = (hidden.shape, backend, opts)
+        return sums / denom
 
     @staticmethod
     def backward(ctx, grad_logps):
@@ -93,20 +106,40 @@ class _SequenceLogps(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_logps):
-        hidden2d, weight, bias, flat_targets, lse, denom = ctx.saved_tensors
-        rows, seq, backend, opts = ctx.meta
+        hidden2d, weight, bias, targets, seg, lse, denom = ctx.saved_tensors
+        shape, backend, opts = ctx.meta
+        none = (None,) * 6
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_db = bias is not None and ctx.needs_input_grad[2]
         if not (need_dh or need_dw or need_db):
-            return None, None, None, None, None, None, None
-        g_row = grad_logps.float() / denom
-        live = flat_targets.view(rows, seq) >= 0
-        g_tok = torch.where(live, g_row[:, None], 0.0).reshape(-1)
+            return None, None, None, *none
+        g_seq = grad_logps.float() / denom
+        g_tok = g_seq.repeat_interleave(targets.numel() // g_seq.numel()) if seg is None else g_seq[seg]
+        g_tok = torch.where(targets >= 0, g_tok, 0.0)
         _, bwd = _backend_module(backend)
-        dh, dw, db = bwd(hidden2d, weight, bias, flat_targets, lse, g_tok, opts, need_dh, need_dw, need_db)
-        dh = dh.view(rows, seq, -1) if dh is not None else None
+        dh, dw, db = bwd(hidden2d, weight, bias, targets, lse, g_tok, opts, need_dh, need_dw, need_db)
+        dh = dh.view(shape) if dh is not None else None
         db = db.to(bias.dtype) if db is not None else None
-        return dh, dw, db, None, None, None, None
+        return dh, dw, db, *none
+
+
+def packed_layout(cu_seqlens: torch.Tensor, n_tok: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(seg [N] int64, last [N] bool)``: each token's sequence, and whether it ends its sequence. No host sync."""
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths, output_size=n_tok)
+    last = torch.zeros(n_tok, dtype=torch.bool, device=cu.device)
+    ends = (cu[1:] - 1).clamp(min=0)
+    last[ends[lengths > 0]] = True  # an empty sequence ends nowhere (rejected with check_values)
+    return seg, last
+
+
+def shift_packed_labels(labels: torch.Tensor, last: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Packed next-token labels: position ``t`` scores ``labels[t + 1]`` within its sequence; a sequence's last
+    position scores nothing (never the next sequence's first token)."""
+    shifted = torch.full_like(labels, ignore_index)
+    shifted[:-1] = labels[1:]
+    return shifted.masked_fill(last, ignore_index)
 
 
 def fused_sequence_logps(
@@ -119,38 +152,59 @@ def fused_sequence_logps(
     average: bool = True,
     softcap: float | None = None,
     shift: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
     backend: Backend = "auto",
     check_values: bool = True,
     options: LogpsOptions | None = None,
 ) -> torch.Tensor:
-    """Per-row log-probability of the labelled tokens, fused with the LM head.
+    """Per-sequence log-probability of the labelled tokens, fused with the LM head.
 
-    ``logp[r] = mean_t log softmax(h[r, t] · Wᵀ + b)[labels[r, t]]`` over the tokens whose label is not
-    ``ignore_index`` (the sum instead of the mean when ``average=False``), with logits soft-capped as
+    ``logp[s] = mean_t log softmax(h[t] · Wᵀ + b)[labels[t]]`` over the tokens ``t`` of sequence ``s`` whose label
+    is not ``ignore_index`` (the sum instead of the mean when ``average=False``), with logits soft-capped as
     ``c · tanh(z / c)`` when ``softcap = c`` (Gemma-2). Differentiable in ``hidden``, ``weight`` and ``bias``;
     a tensor that does not require grad costs no backward work.
 
     Args:
-        hidden: ``[rows, T, H]`` float32 / bfloat16 / float16 last hidden states.
+        hidden: ``[rows, T, H]`` float32 / bfloat16 / float16 last hidden states, one sequence a row; or, with
+            ``cu_seqlens``, packed sequences ``[N, H]`` (or ``[1, N, H]``).
         weight: ``[V, H]`` LM-head weight on ``hidden``'s device; a different dtype (float32 master weights
             under autocast) is cast to ``hidden``'s, as autocast does for the plain head.
-        labels: ``[rows, T]`` integer target ids in ``[0, V)`` or ``ignore_index``.
+        labels: ``[rows, T]`` (packed: ``[N]`` or ``[1, N]``) integer target ids in ``[0, V)`` or ``ignore_index``.
         bias: optional ``[V]`` LM-head bias.
-        shift: if True, the logit at position ``t`` scores ``labels[:, t + 1]`` (the usual causal-LM
-            shift, as the released trainer does); hidden is not copied.
+        shift: if True, the logit at position ``t`` scores the label at ``t + 1`` of the same sequence (the usual
+            causal-LM shift, as the released trainer does); hidden is not copied.
+        cu_seqlens: packed input: int ``[S + 1]`` sequence boundaries (0 first, N last, non-decreasing), as
+            flash-attention's varlen API takes them; the result is then ``[S]``.
         backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (chunked, any device;
             uses the compiled CPU epilogue when built), ``"cublas"`` (CUDA: cuBLAS GEMMs + the compiled CUDA
             epilogue) or ``"auto"`` (Triton on CUDA, else cublas when built, torch otherwise).
-        check_values: check label range and that every row has a live label (costs a host sync).
+        check_values: check label range, ``cu_seqlens``' values and that every sequence has a live label (costs
+            a host sync).
         options: memory mode (``memory="fast"`` or ``"lean"``), scratch budget, Triton block sizes
             (:class:`LogpsOptions`). Block sizes left at None come from the autotune cache for this card and
             shape, else from the architecture's starting point.
 
     Returns:
-        ``[rows]`` float32 log-probs.
+        ``[rows]`` (packed: ``[S]``) float32 log-probs.
     """
-    check_sequence_inputs(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift,
-                          softcap=softcap, check_values=check_values)
+    if cu_seqlens is not None:
+        hidden, labels = check_packed_inputs(hidden, labels, cu_seqlens)
+        check_sequence_inputs(hidden[None], weight, labels[None], bias, ignore_index=ignore_index, shift=False,
+                              softcap=softcap, check_values=False)
+        if check_values:
+            check_cu_seqlens_values(cu_seqlens, labels.numel())
+        seg, last = packed_layout(cu_seqlens, labels.numel())
+        if shift:
+            labels = shift_packed_labels(labels, last, ignore_index)
+        n_seq = cu_seqlens.numel() - 1
+        if check_values:
+            check_packed_values(labels, seg, n_seq, weight.shape[0], ignore_index=ignore_index, shift=shift)
+    else:
+        check_sequence_inputs(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift,
+                              softcap=softcap, check_values=check_values)
+        if shift:
+            labels = shift_labels(labels, ignore_index)
+        seg, n_seq = None, hidden.shape[0]
     backend = resolve_backend(backend, hidden.device)
     # Mixed precision: under autocast the decoder hands back bf16/fp16 hidden states while the head stays in
     # float32 (master weights). Cast the head to the hidden states' dtype, as autocast does for the plain LM head;
@@ -168,7 +222,5 @@ def fused_sequence_logps(
         from .tuning import resolve_blocks
 
         opts = resolve_blocks(opts, hidden.device, hidden.dtype, hidden.shape[-1], weight.shape[0])
-    if shift:
-        labels = shift_labels(labels, ignore_index)
-    targets = torch.where(labels == ignore_index, -1, labels.long())
-    return _SequenceLogps.apply(hidden, weight, bias, targets, average, backend, opts)
+    targets = torch.where(labels == ignore_index, -1, labels.long()).reshape(-1)
+    return _SequenceLogps.apply(hidden, weight, bias, targets, seg, n_seq, average, backend, opts)
