@@ -18,9 +18,12 @@ __version__ = "0.1.0"
 def backends() -> dict[str, bool]:
     """Which backends of ``fused_sequence_logps`` can run here, and which compiled epilogues were built.
 
-    ``torch`` always; ``triton`` with Triton and a CUDA device; ``cublas`` with the CUDA extension and a CUDA
-    device; ``cpu_epilogue`` / ``cuda_epilogue``: the ``csrc/`` extensions (``pip install`` skips them
-    without a compiler / nvcc)."""
+    ``torch`` always; ``triton`` with Triton and a CUDA device; ``triton_interpreter``: Triton's interpreter is on
+    (``TRITON_INTERPRET=1``: the Triton backend runs on CPU tensors, for tests, slowly); ``cublas`` with the CUDA
+    extension and a CUDA device; ``cpu_epilogue`` / ``cuda_epilogue``: the ``csrc/`` extensions (``pip install``
+    skips them without a compiler / nvcc)."""
+    import os
+
     import torch
 
     from . import _extension
@@ -30,6 +33,7 @@ def backends() -> dict[str, bool]:
     return {
         "torch": True,
         "triton": triton_available() and cuda,
+        "triton_interpreter": triton_available() and os.environ.get("TRITON_INTERPRET", "0") == "1",
         "cublas": _extension.cuda_module() is not None and cuda,
         "cpu_epilogue": _extension.cpu_module() is not None,
         "cuda_epilogue": _extension.cuda_module() is not None,

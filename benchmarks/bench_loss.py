@@ -483,10 +483,24 @@ def device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+COLUMNS = {
+    "N": "tokens in the step: pairs × 2 × T (the padded rows)",
+    "decoder tok": "tokens a decoder would have run for the batch: N, or only the packed ones (fused-*-packed)",
+    "ms": "median wall time of forward + backward of the whole α-DPO loss (CUDA events on a GPU)",
+    "×GEMM": "ms / one plain h·Wᵀ GEMM over the tokens the call receives, timed in the same run",
+    "peak MB": "peak memory allocated during the step above what the inputs already held",
+    "×floor": "peak MB / the gradients themselves (dH + dW), the least any method must hold",
+    "loss Δ / grad Δ": "max relative difference of the loss / gradients from naive (Liger: from naive SimPO), "
+                       "checked at the smallest T only; blank elsewhere",
+}
+
+
 def print_table(rows: list[Row], title: str) -> None:
+    """The rows that ran (or failed) as a table; a method that cannot run here is one line below it, with why."""
     from rich.console import Console
     from rich.table import Table
 
+    console = Console(width=200)
     table = Table(title=title, show_lines=False)
     for col in ("regime", "T", "N", "method", "decoder tok", "ms", "×GEMM", "peak MB", "×floor", "loss Δ", "grad Δ",
                 "status"):
@@ -496,11 +510,21 @@ def print_table(rows: list[Row], title: str) -> None:
         return "" if x is None else format(x, fmt)
 
     for r in rows:
+        if r.status == "skipped":
+            continue
         table.add_row(r.regime, str(r.T), str(r.N), r.method, str(r.extra.get("decoder_tokens", "")),
                       f(r.ms, ".1f"), f(r.time_vs_gemm, ".2f"),
                       f(r.peak_mem_mb, ".1f"), f(r.peak_vs_floor, ".2f"), f(r.loss_rel_diff, ".1e"),
                       f(r.grad_rel_diff, ".1e"), r.status if r.status == "ok" else f"{r.status}: {r.reason}")
-    Console(width=200).print(table)
+    console.print(table)
+    skipped: dict[str, str] = {}
+    for r in rows:
+        if r.status == "skipped":
+            skipped.setdefault(r.method, r.reason)
+    for method, reason in skipped.items():
+        console.print(f"not run here: {method}: {reason}")
+    for col, meaning in COLUMNS.items():
+        console.print(f"  {col}: {meaning}", highlight=False)
 
 
 def plot(rows: list[Row], path: str, title: str) -> None:
@@ -621,21 +645,32 @@ def parse_args(argv=None):
     p.add_argument("--H", type=int, help="hidden size (default: GPU 4096, CPU 256)")
     p.add_argument("--V", type=int, help="vocabulary size (default: GPU 128256, CPU 8192)")
     p.add_argument("--dtype", choices=list(DTYPES), help="input dtype (default: GPU bf16, CPU fp32)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="methods to measure (default: all; those that cannot run here are listed once, with why)")
     p.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(DEFAULT_REGIMES),
                    help="ragged: long-tailed response lengths, for padded vs packed (fused-packed) rows")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per row (the median is reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs per row first")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--budget-mb", type=float, help="scratch budget of the fused paths (default: GPU the library's "
                    "64 MB, CPU 4 MB, scaled with the CPU head)")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to run (default: cuda when available; the CPU runs each row in a fresh process)")
     p.add_argument("--json", help="write the rows as a JSON list here")
     p.add_argument("--plot", help="write a PNG of memory and time vs T here")
     p.add_argument("--jsonl", help="append each row here as a JSON line as soon as it is measured")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
+    if args.T and min(args.T) < 2:
+        p.error(f"--T values must be at least 2 (a response of one token has no next-token label), got {args.T}")
+    for name in ("pairs", "H", "V", "repeats"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name} must be at least 1, got {value}")
+    return args
 
 
 def main(argv=None) -> list[Row]:
@@ -662,9 +697,7 @@ def main(argv=None) -> list[Row]:
         ent = [r.entropy for r in rows if r.regime == regime and r.entropy is not None]
         if ent:
             print(f"mean token entropy, {regime}: {statistics.mean(ent):.2f} nats")
-    print(f"memory floor = dH + dW; ×GEMM = time / one h·Wᵀ GEMM over the tokens the call receives, same run; "
-          f"decoder tok = tokens a decoder would process (padded rows, or packed: fused-*-packed); "
-          f"loss Δ / grad Δ = max relative difference vs naive (Liger: vs naive SimPO). {time.time() - started:.0f} s")
+    print(f"{len(rows)} rows in {time.time() - started:.0f} s")
     for target, measured, met in spec_targets(rows):
         print(f"SPEC §4 {'MET ' if met else 'MISSED'} {target}: {measured}")
     if args.json:

@@ -194,5 +194,5 @@ def test_lean_memory_mode_trains_the_same_model(tmp_path):
     for a, b in zip(fast, lean):
         for key in ("train/loss", "train/margin_std", "train/rewards/margins"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
-    with pytest.raises(ValueError, match="memory must be 'fast' or 'lean'"):
+    with pytest.raises(ValueError, match="argument --memory: invalid choice: 'small'"):
         main(["--demo", "--memory", "small", "--output-dir", str(tmp_path / "bad")])

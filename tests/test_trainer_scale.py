@@ -85,16 +85,16 @@ def test_the_old_eval_sized_reference_would_have_carried_noise(shape_dependent_r
 
 def test_the_reference_cache_is_keyed_on_what_changes_the_numbers(tmp_path):
     """Two runs in one output folder with other precision settings must not share reference values."""
-    args = QUICK + ["--max-steps", "2", "--output-dir", str(tmp_path)]
+    args = QUICK + ["--max-steps", "2", "--output-dir", str(tmp_path), "--overwrite", "true"]
     main(args + ["--mixed-precision", "no"])
+    fp32_run = _log(tmp_path)
     main(args + ["--mixed-precision", "bf16"])
+    bf16_run = _log(tmp_path)
     caches = sorted(os.listdir(tmp_path / "reference_logps"))
     assert len([c for c in caches if c.endswith("-train.pt")]) == 2
-    runs = _log(tmp_path)
-    fp32_run, bf16_run = runs[:2], runs[2:]
     # each run's reference is its own policy at step 1 (no reuse of the other precision's values)
     for run in (fp32_run, bf16_run):
-        assert run[0]["train/logps/chosen"] == run[0]["train/logps/ref_chosen"]
+        assert len(run) == 2 and run[0]["train/logps/chosen"] == run[0]["train/logps/ref_chosen"]
     assert fp32_run[0]["train/logps/ref_chosen"] != bf16_run[0]["train/logps/ref_chosen"]
     main(args + ["--mixed-precision", "no", "--seed", "7"])  # other weights (the demo model's seed): a new key
     assert len([c for c in os.listdir(tmp_path / "reference_logps") if c.endswith("-train.pt")]) == 3
@@ -136,7 +136,7 @@ def test_tokenized_data_is_cached_and_memory_mapped(tmp_path, monkeypatch):
         raise AssertionError("tokenized again")
 
     monkeypatch.setattr(train_data, "tokenize_pair", no_tokenizing)
-    main(QUICK + ["--max-steps", "1", "--output-dir", str(tmp_path)])  # loads the cache
+    main(QUICK + ["--max-steps", "1", "--output-dir", str(tmp_path), "--overwrite", "true"])  # loads the cache
     from alphadpo_kernels.train.trainer import build_datasets
 
     cfg = parse_config(QUICK + ["--output-dir", str(tmp_path)])
@@ -150,7 +150,7 @@ def test_tokenized_data_is_cached_and_memory_mapped(tmp_path, monkeypatch):
 
 def test_the_data_cache_follows_the_tokenization_settings(tmp_path):
     main(QUICK + ["--max-steps", "1", "--output-dir", str(tmp_path)])
-    main(QUICK + ["--max-steps", "1", "--max-length", "40", "--output-dir", str(tmp_path)])
+    main(QUICK + ["--max-steps", "1", "--max-length", "40", "--output-dir", str(tmp_path), "--overwrite", "true"])
     assert len(os.listdir(tmp_path / "tokenized")) == 2
 
 

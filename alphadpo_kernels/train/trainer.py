@@ -25,7 +25,7 @@ import torch
 
 from ..loss import FusedAlphaDPOLoss
 from ..ops.sequence_logps import LogpsOptions
-from .config import TrainConfig, parse_config
+from .config import ConfigError, TrainConfig, parse_config
 from .data import (
     TOKENIZED_FORMAT,
     EpochSampler,
@@ -157,6 +157,14 @@ def build_datasets(cfg: TrainConfig, tokenizer, accelerator):
     return train_ds, (eval_ds if eval_ds is not None and len(eval_ds) else None)
 
 
+def _previous_run(output_dir: str) -> list[str]:
+    """What a finished or interrupted run left in ``output_dir`` (not the keyed data / reference caches)."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(n for n in os.listdir(output_dir)
+                  if n in ("metrics.jsonl", "summary.json", "final") or n.startswith("checkpoint-"))
+
+
 def _latest_checkpoint(output_dir: str) -> str | None:
     found = sorted(glob.glob(os.path.join(output_dir, "checkpoint-*")), key=lambda p: int(p.rsplit("-", 1)[1]))
     return found[-1] if found else None
@@ -198,6 +206,10 @@ def train(cfg: TrainConfig) -> dict:
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
+    previous = _previous_run(cfg.output_dir)
+    if previous and not cfg.resume and not cfg.overwrite:
+        raise ConfigError(f"{cfg.output_dir} holds a previous run ({', '.join(previous)}): pass --resume latest to "
+                          "continue it, --overwrite true to start afresh there, or another --output-dir")
     os.makedirs(cfg.output_dir, exist_ok=True)
     has_tb = importlib.util.find_spec("tensorboard") is not None
     # cpu=True without CUDA: only then does accelerate pick up a multi-process CPU (gloo) launch.
@@ -207,6 +219,12 @@ def train(cfg: TrainConfig) -> dict:
                               project_dir=cfg.output_dir)
     set_seed(cfg.seed)
     started = time.time()
+    if previous and cfg.overwrite and not cfg.resume:
+        if accelerator.is_main_process:  # the run's own outputs; the keyed caches stay valid and are kept
+            for name in previous:
+                path = os.path.join(cfg.output_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        accelerator.wait_for_everyone()
 
     tokenizer = _load_tokenizer(cfg)
     train_ds, eval_ds = build_datasets(cfg, tokenizer, accelerator)
@@ -276,8 +294,9 @@ def train(cfg: TrainConfig) -> dict:
     step, epoch, batches_done = 0, 0, 0
     if cfg.resume:
         ckpt = _latest_checkpoint(cfg.output_dir) if cfg.resume == "latest" else cfg.resume
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume latest: no checkpoint-* folder in {cfg.output_dir}")
+        if ckpt is None or not os.path.isdir(ckpt):
+            raise ConfigError(f"--resume {cfg.resume}: no checkpoint-* folder in {cfg.output_dir}"
+                              if ckpt is None else f"--resume {cfg.resume}: no such checkpoint folder")
         accelerator.load_state(ckpt)
         with open(os.path.join(ckpt, "trainer_state.json")) as f:
             state = json.load(f)
@@ -451,5 +470,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def cli() -> None:
-    """Console entry point (``alphadpo-train``): exit status 0 on success, the summary is in summary.json."""
-    main()
+    """Console entry point (``alphadpo-train``): exit status 0 on success (the summary is in summary.json); a user
+    error (bad flag, key, value or file) is one line on stderr and exit status 2."""
+    import sys
+
+    try:
+        main()
+    except ConfigError as exc:
+        print(f"alphadpo-train: error: {exc}", file=sys.stderr)
+        sys.exit(2)
