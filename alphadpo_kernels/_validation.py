@@ -139,7 +139,7 @@ def _finite_number(value, name: str) -> float:
 
 
 def check_loss_hparams(*, beta, gamma_beta_ratio, alpha, ema_momentum, label_smoothing, std_eps,
-                       softcap) -> None:
+                       softcap, logit_scale=1.0) -> None:
     """The loss's hyper-parameters, checked once for the module and the functional form alike."""
     if not _finite_number(beta, "beta") > 0:
         raise ValueError(f"beta must be positive, got {beta}")
@@ -154,6 +154,8 @@ def check_loss_hparams(*, beta, gamma_beta_ratio, alpha, ema_momentum, label_smo
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
                                 or not (math.isfinite(softcap) and softcap > 0)):
         raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
+    if not _finite_number(logit_scale, "logit_scale") > 0:
+        raise ValueError(f"logit_scale must be a positive finite number, got {logit_scale!r}")
 
 
 def check_packed_inputs(hidden: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor,

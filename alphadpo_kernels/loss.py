@@ -136,6 +136,7 @@ def fused_alpha_dpo_loss(
     shift: bool = False,
     label_smoothing: float = 0.0,
     std_eps: float = 1e-8,
+    logit_scale: float = 1.0,
     backend: Backend = "auto",
     check_values: bool = True,
     options: LogpsOptions | None = None,
@@ -172,9 +173,9 @@ def fused_alpha_dpo_loss(
     """
     loss_type = canonical_loss_type(loss_type)
     check_loss_hparams(beta=beta, gamma_beta_ratio=gamma_beta_ratio, alpha=alpha, ema_momentum=ema_momentum,
-                       label_smoothing=label_smoothing, std_eps=std_eps, softcap=softcap)
-    seq_kwargs = dict(ignore_index=ignore_index, average=average_log_prob, softcap=softcap, shift=shift,
-                      backend=backend, options=options, cu_seqlens=cu_seqlens)
+                       label_smoothing=label_smoothing, std_eps=std_eps, softcap=softcap, logit_scale=logit_scale)
+    seq_kwargs = dict(ignore_index=ignore_index, average=average_log_prob, softcap=softcap, logit_scale=logit_scale,
+                      shift=shift, backend=backend, options=options, cu_seqlens=cu_seqlens)
     n_seq = _check_head_inputs(hidden, weight, labels, bias, cu_seqlens, prefix="", seq_kwargs=seq_kwargs,
                                check_values=check_values)
     pairs = check_pair_rows(n_seq, "hidden" if cu_seqlens is None else "cu_seqlens")
@@ -250,10 +251,12 @@ class FusedAlphaDPOLoss(nn.Module):
         std_eps: float = 1e-8,
         check_values: bool = True,
         options: LogpsOptions | None = None,
+        logit_scale: float = 1.0,
     ) -> None:
         super().__init__()
         check_loss_hparams(beta=beta, gamma_beta_ratio=gamma_beta_ratio, alpha=alpha, ema_momentum=ema_momentum,
-                           label_smoothing=label_smoothing, std_eps=std_eps, softcap=softcap)
+                           label_smoothing=label_smoothing, std_eps=std_eps, softcap=softcap, logit_scale=logit_scale)
+        self.logit_scale = logit_scale
         self.beta, self.gamma_beta_ratio, self.alpha = beta, gamma_beta_ratio, alpha
         self.loss_type = canonical_loss_type(loss_type)
         self.ema_momentum, self.ignore_index, self.softcap = ema_momentum, ignore_index, softcap
@@ -286,8 +289,8 @@ class FusedAlphaDPOLoss(nn.Module):
             alpha=self.alpha, loss_type=self.loss_type, ema_momentum=self.ema_momentum,
             update_stats=self.training, ignore_index=self.ignore_index, softcap=self.softcap,
             average_log_prob=self.average_log_prob, shift=self.shift, label_smoothing=self.label_smoothing,
-            std_eps=self.std_eps, backend=backend, check_values=self.check_values, options=self.options,
-            cu_seqlens=cu_seqlens)
+            std_eps=self.std_eps, logit_scale=self.logit_scale, backend=backend, check_values=self.check_values,
+            options=self.options, cu_seqlens=cu_seqlens)
         if self.training and out.margin_mean is not None:
             with torch.no_grad():
                 self.margin_mean.copy_(out.margin_mean)

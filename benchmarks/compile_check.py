@@ -177,7 +177,7 @@ def compile_one(kernel_name: str, config: str, fields: dict, dtype: str, variant
                         else "fp32" if name in F32_POINTERS else DTYPES[dtype])
                 signature[name] = "*" + kind
                 attrs[(i,)] = [["tt.divisibility", 16]]
-            elif name in ("softcap", "filter_eps"):
+            elif name in ("softcap", "logit_scale", "filter_eps"):
                 signature[name] = "fp32"
             else:
                 signature[name] = "i32"

@@ -212,6 +212,7 @@ def _cases(draw):
     return dict(rows=rows, seq=seq, hdim=hdim, vocab=vocab,
                 dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
                 bias=draw(st.booleans()), softcap=draw(st.sampled_from([None, 2.0])), shift=draw(st.booleans()),
+                logit_scale=draw(st.sampled_from([1.0, 0.5])),
                 average=draw(st.booleans()), strided=draw(st.booleans()), memory=draw(st.sampled_from(["fast", "lean"])),
                 chunks=draw(st.sampled_from([(None, None), (5, 7), (1, 1)])), seed=draw(st.integers(0, 10_000)))
 
@@ -233,7 +234,7 @@ def _differential(backend, case):
     opts = LogpsOptions(fwd_block_m=16, fwd_block_n=16, fwd_block_k=16, bwd_block_m=16, bwd_block_n=16,
                         bwd_block_k=16, group_m=2, memory=case["memory"], chunk_tokens=tc, chunk_vocab=vc)
     leaves = [t.detach().requires_grad_() for t in (hidden, weight, bias) if t is not None]
-    kw = dict(softcap=case["softcap"], shift=case["shift"], average=case["average"])
+    kw = dict(softcap=case["softcap"], shift=case["shift"], average=case["average"], logit_scale=case["logit_scale"])
     out = fused_sequence_logps(leaves[0], leaves[1], labels, bias=leaves[2] if bias is not None else None,
                                backend=backend, options=opts, **kw)
     up = torch.randn(rows, generator=g)

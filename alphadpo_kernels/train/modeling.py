@@ -35,9 +35,63 @@ def head_of(model: nn.Module) -> nn.Module:
     return head
 
 
+def _text_config(model: nn.Module):
+    config = model.config
+    return getattr(config, "text_config", None) or config
+
+
+# What transformers' causal-LM heads do to the logits after ``lm_head``, by config attribute, in order:
+# a scale (Cohere's logit_scale, Granite's 1 / logits_scaling, the output / lm_head multipliers), then a soft-cap.
+_SCALES = (("logit_scale", False), ("logits_scaling", True), ("output_multiplier", False),
+           ("lm_head_multiplier", False))
+
+
+def head_transform_of(model: nn.Module) -> tuple[float, float | None]:
+    """``(logit_scale, softcap)`` of a model's LM head: logits = softcap(scale · lm_head(h))."""
+    config = _text_config(model)
+    scale = 1.0
+    for name, divides in _SCALES:
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value not in (0, 1):
+            scale = scale / value if divides else scale * value
+    return scale, getattr(config, "final_logit_softcapping", None) or None
+
+
 def softcap_of(model: nn.Module) -> float | None:
     """Gemma-2's final logit soft-cap, read from the config (None for models without one)."""
-    return getattr(model.config, "final_logit_softcapping", None) or None
+    return head_transform_of(model)[1]
+
+
+@torch.no_grad()
+def verify_head(model: nn.Module, *, atol: float | None = None) -> None:
+    """Raise if ``model(...).logits`` is not ``softcap(scale · (h·Wᵀ + b))`` of its decoder's last hidden states:
+    a family whose head does something else is refused with a clear error rather than trained on other numbers.
+    Runs the model once on four tokens."""
+    scale, softcap = head_transform_of(model)
+    head = head_of(model)
+    device = head.weight.device
+    ids = torch.arange(1, 5, device=device)[None] % head.weight.shape[0]
+    mask = torch.ones_like(ids)
+    was_training = model.training
+    model.eval()
+    try:
+        expected = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        hidden = last_hidden_states(model, ids, mask).float()
+    finally:
+        model.train(was_training)
+    z = hidden @ head.weight.float().T
+    if getattr(head, "bias", None) is not None:
+        z = z + head.bias.float()
+    z = z * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    tol = atol if atol is not None else (1e-3 if head.weight.dtype == torch.float32 else 5e-2) * (1 + z.abs().max())
+    err = float((z - expected).abs().max())
+    if not err <= tol:
+        raise ValueError(
+            f"{type(model).__name__}: its LM head's logits are not softcap(logit_scale · (h·Wᵀ + b)) of the decoder's "
+            f"hidden states as read from its config (logit_scale={scale}, softcap={softcap}; max difference "
+            f"{err:.3g}), so the fused loss would train on other numbers: this model family is not supported")
 
 
 def last_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -106,8 +160,11 @@ class PreferenceModel(nn.Module):
         self.policy = policy
         self.loss_fn = loss_fn
         self.backend = backend
+        scale, softcap = head_transform_of(policy)
         if loss_fn.softcap is None:
-            loss_fn.softcap = softcap_of(policy)
+            loss_fn.softcap = softcap
+        if loss_fn.logit_scale == 1.0:
+            loss_fn.logit_scale = scale
 
     def forward(self, batch: dict, ref_model: nn.Module | None = None) -> AlphaDPOOutput:
         ref_kwargs = {}
@@ -136,6 +193,7 @@ def reference_logps(ref_model: nn.Module, batch: dict, loss_fn: FusedAlphaDPOLos
     def fused(weight, bias, hidden, labels):
         return fused_sequence_logps(hidden, weight, labels, bias=bias, ignore_index=loss_fn.ignore_index,
                                     average=loss_fn.average_log_prob, softcap=softcap_of(ref_model),
+                                    logit_scale=head_transform_of(ref_model)[0],
                                     shift=loss_fn.shift, cu_seqlens=batch.get("cu_seqlens"), backend=backend,
                                     check_values=False)
 

@@ -35,8 +35,14 @@ from .data import (
     source_fingerprint,
     tokenizer_fingerprint,
 )
-from .modeling import PreferenceModel, check_padding_free, softcap_of
-from .reference import cache_key, precompute_reference, prepare_reference, weights_fingerprint
+from .modeling import PreferenceModel, check_padding_free, head_transform_of, verify_head
+from .reference import (
+    cache_key,
+    precompute_reference,
+    prepare_reference,
+    reference_placement,
+    weights_fingerprint,
+)
 
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                "logps/rejected", "logps/ref_chosen", "logps/ref_rejected")
@@ -230,6 +236,8 @@ def train(cfg: TrainConfig) -> dict:
     train_ds, eval_ds = build_datasets(cfg, tokenizer, accelerator)
 
     policy = _load_policy(cfg, tokenizer)
+    if reference_placement(accelerator) == "plain":  # sharded weights cannot run a plain forward here
+        verify_head(policy)
     loss_fn = FusedAlphaDPOLoss(beta=cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio, alpha=cfg.alpha,
                                 loss_type=cfg.loss_type, ema_momentum=cfg.ema_momentum,
                                 average_log_prob=cfg.average_log_prob, shift=True,
@@ -264,7 +272,7 @@ def train(cfg: TrainConfig) -> dict:
                      "data": train_ds.fingerprint(), "eval_data": eval_ds.fingerprint() if eval_ds else None,
                      "weights_dtype": cfg.weights_dtype, "mixed_precision": cfg.mixed_precision,
                      "attn_implementation": cfg.attn_implementation, "backend": cfg.backend,
-                     "logps": dict(average=cfg.average_log_prob, softcap=softcap_of(ref_model), shift=True),
+                     "logps": dict(average=cfg.average_log_prob, head=head_transform_of(ref_model), shift=True),
                      "batching": dict(train=cfg.per_device_train_batch_size, eval=cfg.per_device_eval_batch_size,
                                       seed=cfg.seed, world=accelerator.num_processes,
                                       rank=accelerator.process_index),

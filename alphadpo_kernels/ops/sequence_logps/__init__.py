@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from typing import Literal
 
 import torch
@@ -116,6 +117,8 @@ class _SequenceLogps(torch.autograd.Function):
         g_seq = grad_logps.float() / denom
         g_tok = g_seq.repeat_interleave(targets.numel() // g_seq.numel()) if seg is None else g_seq[seg]
         g_tok = torch.where(targets >= 0, g_tok, 0.0)
+        if opts.logit_scale != 1.0:  # z = scale · (h·Wᵀ + b): every backend's dz takes the factor through g
+            g_tok = g_tok * opts.logit_scale
         _, bwd = _backend_module(backend)
         dh, dw, db = bwd(hidden2d, weight, bias, targets, lse, g_tok, opts, need_dh, need_dw, need_db)
         dh = dh.view(shape) if dh is not None else None
@@ -151,6 +154,7 @@ def fused_sequence_logps(
     ignore_index: int = -100,
     average: bool = True,
     softcap: float | None = None,
+    logit_scale: float = 1.0,
     shift: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     backend: Backend = "auto",
@@ -160,7 +164,8 @@ def fused_sequence_logps(
     """Per-sequence log-probability of the labelled tokens, fused with the LM head.
 
     ``logp[s] = mean_t log softmax(h[t] · Wᵀ + b)[labels[t]]`` over the tokens ``t`` of sequence ``s`` whose label
-    is not ``ignore_index`` (the sum instead of the mean when ``average=False``), with logits soft-capped as
+    is not ``ignore_index`` (the sum instead of the mean when ``average=False``), with logits scaled by
+    ``logit_scale`` (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``) and then soft-capped as
     ``c · tanh(z / c)`` when ``softcap = c`` (Gemma-2). Differentiable in ``hidden``, ``weight`` and ``bias``;
     a tensor that does not require grad costs no backward work.
 
@@ -215,9 +220,12 @@ def fused_sequence_logps(
         bias = bias.to(hidden.dtype)
     if bias is not None and not bias.is_contiguous():  # the kernels read the bias with unit stride; [V] is cheap
         bias = bias.contiguous()
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)) or not (
+            math.isfinite(logit_scale) and logit_scale > 0):
+        raise ValueError(f"logit_scale must be a positive finite number, got {logit_scale!r}")
     opts = options or LogpsOptions()
-    if opts.softcap != softcap:
-        opts = dataclasses.replace(opts, softcap=softcap)
+    if opts.softcap != softcap or opts.logit_scale != logit_scale:
+        opts = dataclasses.replace(opts, softcap=softcap, logit_scale=float(logit_scale))
     if backend == "triton":  # block sizes left at None: the autotune cache for this card, else the arch start
         from .tuning import resolve_blocks
 

@@ -6,7 +6,7 @@ This is the math the fused kernels implement, written the way the released α-DP
 
 For row ``r`` with live tokens ``L_r = {t : labels[r, t] != ignore_index}``::
 
-    z_t      = h_t · Wᵀ + b                      (optionally z_t <- c · tanh(z_t / c))
+    z_t      = s · (h_t · Wᵀ + b)                (s = logit_scale; optionally z_t <- c · tanh(z_t / c))
     logp(r)  = Σ_{t ∈ L_r} log_softmax(z_t)[labels[r, t]]   /  |L_r|   (if average)
 """
 
@@ -37,6 +37,7 @@ def reference_sequence_logps(
     ignore_index: int = -100,
     average: bool = True,
     softcap: float | None = None,
+    logit_scale: float = 1.0,
     shift: bool = False,
     compute_dtype: torch.dtype | None = torch.float64,
 ) -> torch.Tensor:
@@ -64,6 +65,8 @@ def reference_sequence_logps(
         logits = logits + bias
     if compute_dtype is None:
         logits = logits.float()
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     live = labels != ignore_index

@@ -51,6 +51,7 @@ class LogpsOptions:
     """
 
     softcap: float | None = None
+    logit_scale: float = 1.0
     memory: MemoryMode = "fast"
     fwd_block_m: int | None = None
     fwd_block_n: int | None = None

@@ -97,11 +97,13 @@ def pick_epilogue(device: torch.device, opts: LogpsOptions):
 # ----------------------------------------------------------------------------------------------- forward
 
 
-def _logit_block(hc, wc, bc):
+def _logit_block(hc, wc, bc, scale: float = 1.0):
     z = torch.empty(hc.shape[0], wc.shape[0], dtype=torch.float32, device=hc.device)
     mm_into(z, hc, wc.T)
     if bc is not None:
         z += bc.float()
+    if scale != 1.0:
+        z *= scale
     return z
 
 
@@ -124,7 +126,7 @@ def forward(hidden2d, weight, bias, targets, opts: LogpsOptions, *, epilogue=Non
             for ts in range(0, n_live, tc):
                 te = min(ts + tc, n_live)
                 hc = hidden2d.index_select(0, live_idx[ts:te])
-                z = _logit_block(hc, wc, bc)
+                z = _logit_block(hc, wc, bc, opts.logit_scale)
                 epilogue.lse_update(z, tgt[ts:te], vs, opts.softcap, m[ts:te], s[ts:te], tz[ts:te])
     lse_live = m + torch.log(s)
     lse = torch.zeros(n_tok, device=hidden2d.device)
@@ -157,6 +159,8 @@ class EpilogueGradLogits:
         mm_into(z, hc, self.weight[vs:ve].T)
         if self.bias is not None:
             z += self.bias[vs:ve].float()
+        if self.opts.logit_scale != 1.0:  # (its dz factor comes in through g, see _SequenceLogps._backward)
+            z *= self.opts.logit_scale
         if scratch is None:
             self.epilogue.grad_logits(z, tgt, vs, self.opts.softcap, lse, g)
         else:

@@ -61,11 +61,12 @@ def tanh(x):
 @triton.jit
 def logit_tile(
     h_ptr, w_ptr, b_ptr, offs_m, row_ok, offs_n, col_ok, H, stride_hn, stride_hk, stride_wv, stride_wk, softcap,
+    logit_scale,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    """float32 ``[BLOCK_M, BLOCK_N]`` tile of (soft-capped) logits; ``-inf`` in columns past V.
+    """float32 ``[BLOCK_M, BLOCK_N]`` tile of logits ``softcap(logit_scale · (h·Wᵀ + b))``; ``-inf`` in columns past V.
 
     ``offs_m`` / ``offs_n`` are int64 so that ``row × stride`` cannot overflow at long context.
     """
@@ -80,6 +81,7 @@ def logit_tile(
         acc = dot(h, tl.trans(w), acc, DOT_PRECISION, UPCAST_DOT)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc = acc * logit_scale  # families that scale their logits (Cohere, Granite); 1.0 elsewhere
     if HAS_SOFTCAP:
         acc = softcap * tanh(acc / softcap)
     return tl.where(col_ok[None, :], acc, float("-inf"))

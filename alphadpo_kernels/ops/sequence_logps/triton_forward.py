@@ -23,7 +23,7 @@ from .tuning import resolve_blocks
 @triton.jit
 def _sequence_logps_fwd_kernel(
     h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, logp_ptr,
-    N, V, H, stride_hn, stride_hk, stride_wv, stride_wk, softcap,
+    N, V, H, stride_hn, stride_hk, stride_wv, stride_wk, softcap, logit_scale,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
@@ -42,7 +42,7 @@ def _sequence_logps_fwd_kernel(
         offs_n = v0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = offs_n < V
         z = logit_tile(h_ptr, w_ptr, b_ptr, offs_m, live, offs_n, col_ok, H,
-                       stride_hn, stride_hk, stride_wv, stride_wk, softcap,
+                       stride_hn, stride_hk, stride_wv, stride_wk, softcap, logit_scale,
                        HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
         s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
@@ -71,7 +71,7 @@ def forward(hidden2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     _sequence_logps_fwd_kernel[grid](
         hidden2d, weight, bias if bias is not None else weight, targets, lse, token_logps,
         n_tok, vocab, hdim, hidden2d.stride(0), hidden2d.stride(1), weight.stride(0), weight.stride(1),
-        float(opts.softcap or 1.0),
+        float(opts.softcap or 1.0), float(opts.logit_scale),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None,
         BLOCK_M=opts.fwd_block_m, BLOCK_N=opts.fwd_block_n, BLOCK_K=opts.fwd_block_k,
         **dot_flags(hidden2d.dtype, hidden2d.device),

@@ -27,7 +27,7 @@ from .tuning import resolve_blocks
 @triton.jit
 def _grad_logits_kernel(
     h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dz_ptr, dbp_ptr,
-    M, VC, V_OFFSET, H, stride_hm, stride_hk, stride_wv, stride_wk, stride_dzm, softcap,
+    M, VC, V_OFFSET, H, stride_hm, stride_hk, stride_wv, stride_wk, stride_dzm, softcap, logit_scale,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
@@ -42,7 +42,7 @@ def _grad_logits_kernel(
     g = tl.load(g_ptr + offs_m, mask=row_ok, other=0.0)
 
     z = logit_tile(h_ptr, w_ptr, b_ptr, offs_m, row_ok, offs_n, col_ok, H,
-                   stride_hm, stride_hk, stride_wv, stride_wk, softcap,
+                   stride_hm, stride_hk, stride_wv, stride_wk, softcap, logit_scale,
                    HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
     p = tl.exp(z - lse[:, None])  # 0 in columns past the chunk (z = -inf)
     onehot = ((offs_n + V_OFFSET)[None, :] == tgt[:, None]).to(tl.float32)
@@ -88,7 +88,7 @@ class TritonGradLogits:
             hc, w_c, self.bias[vs:ve] if self.bias is not None else w_c, tgt, lse, g, dz,
             part if need_db else lse,
             rows, cols, vs, hc.shape[1], hc.stride(0), hc.stride(1), w_c.stride(0), w_c.stride(1), dz.stride(0),
-            float(opts.softcap or 1.0),
+            float(opts.softcap or 1.0), float(opts.logit_scale),
             HAS_BIAS=self.bias is not None, HAS_SOFTCAP=opts.softcap is not None, NEED_DB=need_db,
             BLOCK_M=opts.bwd_block_m, BLOCK_N=opts.bwd_block_n, BLOCK_K=opts.bwd_block_k, GROUP_M=opts.group_m,
             **dot_flags(hc.dtype, hc.device), num_warps=opts.num_warps, num_stages=opts.num_stages,

@@ -40,7 +40,7 @@ from .tuning import resolve_blocks
 @triton.jit
 def _skip_backward_kernel(
     h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr, skip_count_ptr,
-    N, V, V_OFFSET, H, stride_hn, stride_hk, stride_wv, stride_wk, softcap, filter_eps,
+    N, V, V_OFFSET, H, stride_hn, stride_hk, stride_wv, stride_wk, softcap, logit_scale, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr, COUNT_SKIPS: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -61,7 +61,7 @@ def _skip_backward_kernel(
     col_ok = offs_n < V
 
     z = logit_tile(h_ptr, w_ptr, b_ptr, offs_m, live, offs_n, col_ok, H,
-                   stride_hn, stride_hk, stride_wv, stride_wk, softcap,
+                   stride_hn, stride_hk, stride_wv, stride_wk, softcap, logit_scale,
                    HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
     p = tl.exp(z - lse[:, None])  # 0 in columns past V (z = -inf)
     is_target = (offs_n + V_OFFSET)[None, :] == tgt[:, None]
@@ -141,7 +141,7 @@ def skip_backward(hidden2d, weight, bias, targets, lse, g, opts: LogpsOptions, n
             dh if need_dh else lse, acc if need_dw else lse, db[vs:ve] if need_db else lse,
             skip_count if skip_count is not None else targets,
             n_tok, ve - vs, vs, hdim, hidden2d.stride(0), hidden2d.stride(1), weight.stride(0), weight.stride(1),
-            float(opts.softcap or 1.0), float(eps or 0.0),
+            float(opts.softcap or 1.0), float(opts.logit_scale), float(eps or 0.0),
             HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None,
             FILTER=eps is not None, COUNT_SKIPS=skip_count is not None,
             NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
