@@ -41,6 +41,12 @@ def check_sequence_inputs(
     hidden = _require_tensor(hidden, h_name)
     weight = _require_tensor(weight, w_name)
     labels = _require_tensor(labels, "labels")
+    for name, t in ((h_name, hidden), (w_name, weight), (b_name, bias)):
+        if type(t).__name__ == "DTensor":
+            raise TypeError(
+                f"{name} is a sharded DTensor (FSDP2 or tensor parallel holds a shard of it here): call the loss inside "
+                f"the root module's forward, where FSDP has gathered the head (see README, Distributed), or pass "
+                f"{name}.full_tensor()")
     if hidden.dtype not in (_FLOATING if allow_float64 else _KERNEL_FLOATING):
         extra = "" if allow_float64 else "; float64 is for reference_sequence_logps"
         raise TypeError(f"{h_name} must be a floating tensor (float32, bfloat16, float16), got {hidden.dtype}{extra}")

@@ -252,11 +252,12 @@ class FusedAlphaDPOLoss(nn.Module):
         check_values: bool = True,
         options: LogpsOptions | None = None,
         logit_scale: float = 1.0,
+        process_group=None,
     ) -> None:
         super().__init__()
         check_loss_hparams(beta=beta, gamma_beta_ratio=gamma_beta_ratio, alpha=alpha, ema_momentum=ema_momentum,
                            label_smoothing=label_smoothing, std_eps=std_eps, softcap=softcap, logit_scale=logit_scale)
-        self.logit_scale = logit_scale
+        self.logit_scale, self.process_group = logit_scale, process_group
         self.beta, self.gamma_beta_ratio, self.alpha = beta, gamma_beta_ratio, alpha
         self.loss_type = canonical_loss_type(loss_type)
         self.ema_momentum, self.ignore_index, self.softcap = ema_momentum, ignore_index, softcap
@@ -290,7 +291,7 @@ class FusedAlphaDPOLoss(nn.Module):
             update_stats=self.training, ignore_index=self.ignore_index, softcap=self.softcap,
             average_log_prob=self.average_log_prob, shift=self.shift, label_smoothing=self.label_smoothing,
             std_eps=self.std_eps, logit_scale=self.logit_scale, backend=backend, check_values=self.check_values,
-            options=self.options, cu_seqlens=cu_seqlens)
+            options=self.options, cu_seqlens=cu_seqlens, process_group=self.process_group)
         if self.training and out.margin_mean is not None:
             with torch.no_grad():
                 self.margin_mean.copy_(out.margin_mean)
