@@ -123,14 +123,15 @@ def check_pair_rows(rows: int, name: str = "hidden") -> int:
     return rows // 2
 
 
-def check_ref_logps(t: object, name: str, pairs: int, device: torch.device, check_values: bool = False) -> torch.Tensor:
+def check_ref_logps(t: object, name: str, pairs: int, device: torch.device, check_values: bool = False,
+                    against: str = "hidden") -> torch.Tensor:
     t = _require_tensor(t, name)
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
     if tuple(t.shape) != (pairs,):
         raise ValueError(f"{name} must have shape [P] = ({pairs},), got {tuple(t.shape)}")
     if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but hidden is on {device}")
+        raise ValueError(f"{name} is on {t.device} but {against} is on {device}")
     if check_values and not bool(torch.isfinite(t).all()):
         bad = (~torch.isfinite(t)).nonzero().flatten().tolist()
         raise ValueError(f"{name} must be finite; pairs {bad[:8]}{' ...' if len(bad) > 8 else ''} are "

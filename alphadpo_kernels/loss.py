@@ -70,7 +70,7 @@ def _check_head_inputs(hidden, weight, labels, bias, cu_seqlens, *, prefix, seq_
 
 
 def _reference_logps(labels, *, ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias,
-                     pairs, device, loss_type, seq_kwargs, check_values):
+                     pairs, device, loss_type, seq_kwargs, check_values, against="hidden"):
     given = (ref_chosen_logps is not None, ref_rejected_logps is not None)
     if given[0] != given[1]:
         missing = "ref_rejected_logps" if given[0] else "ref_chosen_logps"
@@ -78,8 +78,8 @@ def _reference_logps(labels, *, ref_chosen_logps, ref_rejected_logps, ref_hidden
     if given[0] and ref_hidden is not None:
         raise ValueError("pass either ref_chosen_logps/ref_rejected_logps or ref_hidden/ref_weight, not both")
     if given[0]:
-        return (check_ref_logps(ref_chosen_logps, "ref_chosen_logps", pairs, device, check_values),
-                check_ref_logps(ref_rejected_logps, "ref_rejected_logps", pairs, device, check_values))
+        return (check_ref_logps(ref_chosen_logps, "ref_chosen_logps", pairs, device, check_values, against),
+                check_ref_logps(ref_rejected_logps, "ref_rejected_logps", pairs, device, check_values, against))
     if ref_hidden is None:
         if ref_weight is not None or ref_bias is not None:
             raise ValueError("ref_weight/ref_bias given without ref_hidden")
@@ -184,15 +184,23 @@ def fused_alpha_dpo_loss(
         ref_weight=ref_weight, ref_bias=ref_bias, pairs=pairs, device=hidden.device, loss_type=loss_type,
         seq_kwargs=seq_kwargs, check_values=check_values)
     logps = fused_sequence_logps(hidden, weight, labels, bias=bias, check_values=False, **seq_kwargs)
-    pol_c, pol_r = logps[:pairs], logps[pairs:]
-    if ref_c is not None:
-        ref_c, ref_r = ref_c.to(logps.dtype), ref_r.to(logps.dtype)
+    return _preference_head(
+        logps[:pairs], logps[pairs:], ref_c, ref_r, loss_type=loss_type, beta=beta,
+        gamma_beta_ratio=gamma_beta_ratio, alpha=alpha, margin_mean=margin_mean, margin_std=margin_std,
+        ema_momentum=ema_momentum, update_stats=update_stats, std_eps=std_eps, label_smoothing=label_smoothing,
+        process_group=process_group)
 
+
+def _preference_head(pol_c, pol_r, ref_c, ref_r, *, loss_type, beta, gamma_beta_ratio, alpha, margin_mean,
+                     margin_std, ema_momentum, update_stats, std_eps, label_smoothing, process_group) -> AlphaDPOOutput:
+    """The loss on per-sequence log-probs ``[P]`` (already validated)."""
+    if ref_c is not None:
+        ref_c, ref_r = ref_c.to(pol_c.dtype), ref_r.to(pol_c.dtype)
     if loss_type == "alpha_dpo":
         head = alpha_dpo_head(
             pol_c, pol_r, ref_c, ref_r, beta=beta, gamma_beta_ratio=gamma_beta_ratio, alpha=alpha,
-            margin_mean=_margin_state(margin_mean, "margin_mean", hidden.device),
-            margin_std=_margin_state(margin_std, "margin_std", hidden.device),
+            margin_mean=_margin_state(margin_mean, "margin_mean", pol_c.device),
+            margin_std=_margin_state(margin_std, "margin_std", pol_c.device),
             ema_momentum=ema_momentum, update_stats=update_stats, std_eps=std_eps,
             label_smoothing=label_smoothing, process_group=process_group)
     elif loss_type == "simpo":
@@ -292,11 +300,46 @@ class FusedAlphaDPOLoss(nn.Module):
             average_log_prob=self.average_log_prob, shift=self.shift, label_smoothing=self.label_smoothing,
             std_eps=self.std_eps, logit_scale=self.logit_scale, backend=backend, check_values=self.check_values,
             options=self.options, cu_seqlens=cu_seqlens, process_group=self.process_group)
+        self._keep_stats(out)
+        return out
+
+    def loss_from_logps(
+        self,
+        chosen_logps: torch.Tensor,
+        rejected_logps: torch.Tensor,
+        ref_chosen_logps: torch.Tensor | None = None,
+        ref_rejected_logps: torch.Tensor | None = None,
+    ) -> AlphaDPOOutput:
+        """The same loss on per-sequence log-probs computed elsewhere (e.g. by :func:`fused_sequence_logps` inside
+        a model's forward, as the TRL integration does): ``chosen_logps`` / ``rejected_logps`` ``[P]``, with
+        gradients; ``ref_*`` ``[P]`` or None for SimPO. Updates the margin statistics in training mode, like
+        :meth:`forward`."""
+        for name, t in (("chosen_logps", chosen_logps), ("rejected_logps", rejected_logps)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 1:
+                raise ValueError(f"{name} must be a floating [P] tensor, got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+                                 f"{' ' + str(t.dtype) if isinstance(t, torch.Tensor) else ''}")
+        pairs = chosen_logps.shape[0]
+        if pairs == 0:
+            raise ValueError("chosen_logps is empty: the loss needs at least one pair")
+        check_ref_logps(rejected_logps, "rejected_logps", pairs, chosen_logps.device, against="chosen_logps")
+        ref_c, ref_r = _reference_logps(
+            None, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps, ref_hidden=None,
+            ref_weight=None, ref_bias=None, pairs=pairs, device=chosen_logps.device, loss_type=self.loss_type,
+            seq_kwargs={}, check_values=self.check_values, against="chosen_logps")
+        out = _preference_head(
+            chosen_logps, rejected_logps, ref_c, ref_r, loss_type=self.loss_type, beta=self.beta,
+            gamma_beta_ratio=self.gamma_beta_ratio, alpha=self.alpha, margin_mean=self.margin_mean,
+            margin_std=self.margin_std, ema_momentum=self.ema_momentum, update_stats=self.training,
+            std_eps=self.std_eps, label_smoothing=self.label_smoothing, process_group=self.process_group)
+        self._keep_stats(out)
+        return out
+
+    def _keep_stats(self, out: AlphaDPOOutput) -> None:
         if self.training and out.margin_mean is not None:
             with torch.no_grad():
                 self.margin_mean.copy_(out.margin_mean)
                 self.margin_std.copy_(out.margin_std)
-        return out
 
     def _apply(self, fn, recurse=True):
         """``.to()``, ``.half()``, ``.bfloat16()`` (of this module or a parent) move the margin statistics but keep

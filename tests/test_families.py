@@ -2,7 +2,7 @@
 
 Tiny configs, built from scratch (no downloads). Covered: Llama, Mistral, Qwen2 (tied embeddings), Gemma-2 (soft-cap,
 tied embeddings), Gemma-3, Phi-3, and the families that scale their logits after the head: Cohere
-(``logit_scale``), Granite (``logits_scaling``). A head that does something else is refused by name.
+(``logit_scale``), Granite (divides by ``logits_scaling``), HyperCLOVA X (multiplies by it). A head that does something else is refused by name.
 """
 
 from __future__ import annotations
@@ -35,11 +35,14 @@ FAMILIES = {
     "phi3": ("Phi3Config", {}),
     "cohere": ("CohereConfig", dict(logit_scale=0.25)),
     "granite": ("GraniteConfig", dict(logits_scaling=4.0)),
+    "hyperclovax": ("HyperCLOVAXConfig", dict(logits_scaling=0.5)),  # multiplies where Granite divides
 }
 
 
 def _model(family):
     name, extra = FAMILIES[family]
+    if not hasattr(transformers, name):
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
     config = getattr(transformers, name)(**{**SMALL, **extra})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
@@ -74,7 +77,7 @@ def test_glue_matches_the_models_own_logits(family):
     model, batch = _model(family), _batch()
     verify_head(model)
     scale, softcap = head_transform_of(model)
-    assert (scale != 1.0) == (family in ("cohere", "granite"))
+    assert (scale != 1.0) == (family in ("cohere", "granite", "hyperclovax"))
     assert (softcap is not None) == (family in ("gemma2", "gemma3"))
     plain = _plain_logps(model, batch)
     loss_fn = FusedAlphaDPOLoss(shift=True)
@@ -84,6 +87,22 @@ def test_glue_matches_the_models_own_logits(family):
                                                                  ref_rejected_logps=plain[2:] - 0.1))
     assert rel_err(torch.cat([out.chosen_logps, out.rejected_logps]), plain) < 1e-5
     assert loss_fn.logit_scale == scale and loss_fn.softcap == softcap
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_trl_forward_matches_the_models_own_logits(family):
+    """The TRL integration's forward (``alphadpo_logps=...``) gives the same per-sequence log-probs."""
+    pytest.importorskip("trl")
+    from alphadpo_kernels.integrations.trl import LogpsRequest, add_alphadpo_head
+
+    model, batch = _model(family), _batch()
+    plain = _plain_logps(model, batch)
+    add_alphadpo_head(model)
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                    alphadpo_logps=LogpsRequest(average=True, backend="torch"))
+    assert rel_err(out.logps, plain) < 1e-5
+    assert torch.equal(model(input_ids=batch["input_ids"]).logits, _model(family)(input_ids=batch["input_ids"]).logits)
 
 
 def test_a_head_that_does_something_else_is_refused(monkeypatch):

@@ -41,16 +41,20 @@ def _text_config(model: nn.Module):
 
 
 # What transformers' causal-LM heads do to the logits after ``lm_head``, by config attribute, in order:
-# a scale (Cohere's logit_scale, Granite's 1 / logits_scaling, the output / lm_head multipliers), then a soft-cap.
+# a scale (Cohere's logit_scale, Granite's and MiniCPM3's 1 / logits_scaling, the output / lm_head multipliers),
+# then a soft-cap. HyperCLOVA X multiplies by its logits_scaling where Granite divides.
 _SCALES = (("logit_scale", False), ("logits_scaling", True), ("output_multiplier", False),
            ("lm_head_multiplier", False))
+_MULTIPLY_LOGITS_SCALING = ("hyperclovax",)
 
 
 def head_transform_of(model: nn.Module) -> tuple[float, float | None]:
     """``(logit_scale, softcap)`` of a model's LM head: logits = softcap(scale · lm_head(h))."""
     config = _text_config(model)
     scale = 1.0
+    multiplies = str(getattr(config, "model_type", "")).startswith(_MULTIPLY_LOGITS_SCALING)
     for name, divides in _SCALES:
+        divides = divides and not multiplies
         value = getattr(config, name, None)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value not in (0, 1):
             scale = scale / value if divides else scale * value
