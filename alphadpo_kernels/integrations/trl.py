@@ -63,8 +63,16 @@ from trl.trainer.utils import use_adapter
 
 from ..loss import FusedAlphaDPOLoss
 from ..losses import canonical_loss_type, needs_reference
-from ..ops.sequence_logps import LogpsOptions, fused_sequence_logps
-from ..train.modeling import call_through_head, decoder_of, head_of, head_transform_of, verify_head
+from ..ops.sequence_logps import LogpsOptions
+from ..train.modeling import (
+    decoder_of,
+    head_logps,
+    head_of,
+    head_transform_of,
+    hidden_of,
+    text_config_of,
+    verify_head,
+)
 
 __all__ = ["AlphaDPOConfig", "AlphaDPOTrainer", "AlphaDPOModelOutput", "add_alphadpo_head"]
 logger = get_logger(__name__)
@@ -210,9 +218,7 @@ def add_alphadpo_head(model: torch.nn.Module) -> None:
     if getattr(model, "_alphadpo_head", False):
         return
     previous = model.forward
-    config = model.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    scale, softcap = head_transform_of(model)
+    text_config = text_config_of(model)
 
     @functools.wraps(type(model).forward)
     def forward(self, *args, alphadpo_logps: LogpsRequest | None = None, **kwargs):
@@ -225,17 +231,11 @@ def add_alphadpo_head(model: torch.nn.Module) -> None:
         if getattr(text_config, "output_router_logits", False):
             kwargs.setdefault("output_router_logits", True)
         backbone_out = _backbone(self)(*args, **kwargs)
-        hidden = backbone_out.last_hidden_state if hasattr(backbone_out, "last_hidden_state") else backbone_out[0]
-        head = head_of(self)
+        device = head_of(self).weight.device
         # a model split over devices (device_map) may end its backbone on another device than the head
-        hidden, labels = hidden.to(head.weight.device), labels.to(head.weight.device)
-
-        def fused(weight, bias, hidden, labels):
-            return fused_sequence_logps(hidden, weight, labels, bias=bias, ignore_index=-100,
-                                        average=alphadpo_logps.average, softcap=softcap, logit_scale=scale,
-                                        shift=True, backend=alphadpo_logps.backend, options=alphadpo_logps.options)
-
-        logps = call_through_head(self, fused, hidden, labels)
+        logps = head_logps(self, hidden_of(backbone_out).to(device), labels.to(device), ignore_index=-100,
+                           average=alphadpo_logps.average, shift=True, backend=alphadpo_logps.backend,
+                           options=alphadpo_logps.options)
         aux_loss = None
         if kwargs.get("output_router_logits"):
             aux_loss = _router_aux_loss(self, text_config, backbone_out.router_logits, kwargs.get("attention_mask"))
@@ -362,6 +362,17 @@ class AlphaDPOTrainer(DPOTrainer):
                              "max_length or drop such examples")
         return inputs["input_ids"].masked_fill(completion == 0, -100)
 
+    @staticmethod
+    def _model_kwargs(inputs) -> dict:
+        return {**{k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}, "use_cache": False}
+
+    def _reference_adapter(self):
+        """With PEFT and no reference model, the reference is the base model (or a "ref" adapter)."""
+        if self.ref_model is not None or not is_peft_model(self.model):
+            return contextlib.nullcontext()
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+
     def _model_logps(self, model, model_kwargs, labels) -> AlphaDPOModelOutput:
         if not getattr(self._patch_target(model), "_alphadpo_head", False):
             raise RuntimeError(f"{type(model).__name__} was replaced after AlphaDPOTrainer was built: its forward "
@@ -384,16 +395,9 @@ class AlphaDPOTrainer(DPOTrainer):
 
     def compute_ref_log_probs(self, model, inputs):
         """``[P], [P]`` reference log-probs of one padded batch, from this package's fused op."""
-        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-        model_kwargs["use_cache"] = False
-        labels = self._labels(inputs)
-        adapter_context = contextlib.nullcontext()
-        if self.ref_model is None and is_peft_model(self.model):
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            adapter_context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-              adapter_context, self.accelerator.autocast()):
-            logps = self._model_logps(model, model_kwargs, labels).logps.float()
+              self._reference_adapter(), self.accelerator.autocast()):
+            logps = self._model_logps(model, self._model_kwargs(inputs), self._labels(inputs)).logps.float()
         return logps.chunk(2, dim=0)
 
     def _reference(self, model_kwargs, labels, inputs):
@@ -404,20 +408,16 @@ class AlphaDPOTrainer(DPOTrainer):
             return (inputs["ref_chosen_logps"].to(device, torch.float32),
                     inputs["ref_rejected_logps"].to(device, torch.float32))
         ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            if is_peft_model(self.model) and self.ref_model is None:
-                unwrapped = self.accelerator.unwrap_model(self.model)
-                with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
-                    out = self._model_logps(self.model, ref_kwargs, labels)
-            else:
-                out = self._model_logps(self.ref_model, ref_kwargs, labels)
+        model = self.model if self.ref_model is None else self.ref_model  # None: PEFT, the adapter switched off
+        with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+              self._reference_adapter()):
+            out = self._model_logps(model, ref_kwargs, labels)
         return out.logps.float().chunk(2, dim=0)
 
     # -- loss and metrics ---------------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-        model_kwargs["use_cache"] = False
+        model_kwargs = self._model_kwargs(inputs)
         if self.aux_loss_enabled:
             model_kwargs["output_router_logits"] = True
         labels = self._labels(inputs)
@@ -479,9 +479,7 @@ class AlphaDPOTrainer(DPOTrainer):
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state.pop("loss_type") != self.alphadpo_loss.loss_type:
             raise ValueError(f"{checkpoint} was saved with another loss type than {self.alphadpo_loss.loss_type!r}")
-        with torch.no_grad():
-            for name, value in state.items():
-                getattr(self.alphadpo_loss, name).copy_(value)
+        self.alphadpo_loss.load_state_dict(state)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *pos, **kwargs):
         """:meth:`transformers.Trainer.train`, restoring α-DPO's margin statistics when resuming."""

@@ -35,7 +35,8 @@ def head_of(model: nn.Module) -> nn.Module:
     return head
 
 
-def _text_config(model: nn.Module):
+def text_config_of(model: nn.Module):
+    """The config of the language model (a vision-language model's ``text_config``, else the config itself)."""
     config = model.config
     return getattr(config, "text_config", None) or config
 
@@ -50,7 +51,7 @@ _MULTIPLY_LOGITS_SCALING = ("hyperclovax",)
 
 def head_transform_of(model: nn.Module) -> tuple[float, float | None]:
     """``(logit_scale, softcap)`` of a model's LM head: logits = softcap(scale · lm_head(h))."""
-    config = _text_config(model)
+    config = text_config_of(model)
     scale = 1.0
     multiplies = str(getattr(config, "model_type", "")).startswith(_MULTIPLY_LOGITS_SCALING)
     for name, divides in _SCALES:
@@ -59,11 +60,6 @@ def head_transform_of(model: nn.Module) -> tuple[float, float | None]:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value not in (0, 1):
             scale = scale / value if divides else scale * value
     return scale, getattr(config, "final_logit_softcapping", None) or None
-
-
-def softcap_of(model: nn.Module) -> float | None:
-    """Gemma-2's final logit soft-cap, read from the config (None for models without one)."""
-    return head_transform_of(model)[1]
 
 
 @torch.no_grad()
@@ -104,8 +100,12 @@ def last_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask
     each sequence and no attention mask: transformers then attends within each sequence (and ``use_cache`` must
     be off, or it does not look)."""
     kwargs = {"position_ids": position_ids} if position_ids is not None else {}
-    out = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return hidden_of(decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs))
+
+
+def hidden_of(outputs) -> torch.Tensor:
+    """The last hidden states of a decoder's outputs (a ModelOutput, or a tuple from ``return_dict=False``)."""
+    return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
 
 
 PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -147,6 +147,17 @@ def call_through_head(model: nn.Module, fn, *args, **kwargs):
 
     with _head_forward(head, forward):
         return head(*args, **kwargs)
+
+
+def head_logps(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
+    """:func:`fused_sequence_logps` of ``labels`` on ``hidden`` through ``model``'s LM head, with the head's scale
+    and soft-cap read from its config, run as the head module's call (``kwargs``: the op's other arguments)."""
+    scale, softcap = head_transform_of(model)
+
+    def fused(weight, bias, hidden, labels):
+        return fused_sequence_logps(hidden, weight, labels, bias=bias, softcap=softcap, logit_scale=scale, **kwargs)
+
+    return call_through_head(model, fused, hidden, labels)
 
 
 class PreferenceModel(nn.Module):
@@ -193,12 +204,6 @@ class PreferenceModel(nn.Module):
 def reference_logps(ref_model: nn.Module, batch: dict, loss_fn: FusedAlphaDPOLoss, backend: str = "auto") -> torch.Tensor:
     """``[2P]`` reference log-probs from one no-grad decoder pass and the fused forward kernel."""
     hidden = last_hidden_states(ref_model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
-
-    def fused(weight, bias, hidden, labels):
-        return fused_sequence_logps(hidden, weight, labels, bias=bias, ignore_index=loss_fn.ignore_index,
-                                    average=loss_fn.average_log_prob, softcap=softcap_of(ref_model),
-                                    logit_scale=head_transform_of(ref_model)[0],
-                                    shift=loss_fn.shift, cu_seqlens=batch.get("cu_seqlens"), backend=backend,
-                                    check_values=False)
-
-    return call_through_head(ref_model, fused, hidden, batch["labels"]).float()
+    return head_logps(ref_model, hidden, batch["labels"], ignore_index=loss_fn.ignore_index,
+                      average=loss_fn.average_log_prob, shift=loss_fn.shift, cu_seqlens=batch.get("cu_seqlens"),
+                      backend=backend, check_values=False).float()
