@@ -161,7 +161,12 @@ def check_loss_hparams(*, beta, gamma_beta_ratio, alpha, ema_momentum, label_smo
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
                                 or not (math.isfinite(softcap) and softcap > 0)):
         raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
-    if not _finite_number(logit_scale, "logit_scale") > 0:
+    check_logit_scale(logit_scale)
+
+
+def check_logit_scale(logit_scale) -> None:
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)) or not (
+            math.isfinite(logit_scale) and logit_scale > 0):
         raise ValueError(f"logit_scale must be a positive finite number, got {logit_scale!r}")
 
 

@@ -11,15 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ._validation import (
-    check_cu_seqlens_values,
-    check_loss_hparams,
-    check_packed_inputs,
-    check_packed_values,
-    check_pair_rows,
-    check_ref_logps,
-    check_sequence_inputs,
-)
+from ._validation import check_loss_hparams, check_pair_rows, check_ref_logps
 from .losses import (
     alpha_dpo_head,
     canonical_loss_type,
@@ -29,7 +21,7 @@ from .losses import (
     preference_metrics,
     simpo_head,
 )
-from .ops.sequence_logps import Backend, LogpsOptions, fused_sequence_logps, packed_layout, shift_packed_labels
+from .ops.sequence_logps import Backend, LogpsOptions, fused_sequence_logps, prepare_sequence_inputs
 
 __all__ = ["AlphaDPOOutput", "FusedAlphaDPOLoss", "fused_alpha_dpo_loss"]
 
@@ -52,21 +44,10 @@ class AlphaDPOOutput:
 
 def _check_head_inputs(hidden, weight, labels, bias, cu_seqlens, *, prefix, seq_kwargs, check_values) -> int:
     """Validate one head's inputs, padded or packed; returns the number of sequences."""
-    kw = dict(ignore_index=seq_kwargs["ignore_index"], softcap=seq_kwargs["softcap"], prefix=prefix)
-    if cu_seqlens is None:
-        check_sequence_inputs(hidden, weight, labels, bias, shift=seq_kwargs["shift"], check_values=check_values, **kw)
-        return hidden.shape[0]
-    hidden, labels = check_packed_inputs(hidden, labels, cu_seqlens, prefix=prefix)
-    check_sequence_inputs(hidden[None], weight, labels[None], bias, shift=False, check_values=False, **kw)
-    n_seq = cu_seqlens.numel() - 1
-    if check_values:
-        check_cu_seqlens_values(cu_seqlens, labels.numel())
-        seg, last = packed_layout(cu_seqlens, labels.numel())
-        if seq_kwargs["shift"]:
-            labels = shift_packed_labels(labels, last, seq_kwargs["ignore_index"])
-        check_packed_values(labels, seg, n_seq, weight.shape[0], ignore_index=seq_kwargs["ignore_index"],
-                            shift=seq_kwargs["shift"], vocab_of=f"{prefix}weight")
-    return n_seq
+    return prepare_sequence_inputs(
+        hidden, weight, labels, bias, ignore_index=seq_kwargs["ignore_index"], softcap=seq_kwargs["softcap"],
+        logit_scale=seq_kwargs["logit_scale"], shift=seq_kwargs["shift"], cu_seqlens=cu_seqlens,
+        check_values=check_values, prefix=prefix)[3]
 
 
 def _reference_logps(labels, *, ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias,

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
 from typing import Literal
 
 import torch
 
 from ..._validation import (
     check_cu_seqlens_values,
+    check_logit_scale,
     check_packed_inputs,
     check_packed_values,
     check_sequence_inputs,
@@ -145,6 +145,32 @@ def shift_packed_labels(labels: torch.Tensor, last: torch.Tensor, ignore_index: 
     return shifted.masked_fill(last, ignore_index)
 
 
+def prepare_sequence_inputs(hidden, weight, labels, bias, *, ignore_index: int, softcap: float | None,
+                            logit_scale: float, shift: bool, cu_seqlens: torch.Tensor | None, check_values: bool,
+                            prefix: str = ""):
+    """Validate the op's inputs, padded or packed (``prefix``: ``"ref_"`` for a reference head's), and lay them out:
+    returns ``(hidden, labels, seg, n_seq)`` with packed input flattened to ``[N, H]`` / ``[N]``, labels shifted
+    when ``shift``, ``seg`` each packed token's sequence (None when padded) and the number of sequences."""
+    check_logit_scale(logit_scale)
+    if cu_seqlens is None:
+        check_sequence_inputs(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift, softcap=softcap,
+                              check_values=check_values, prefix=prefix)
+        return hidden, shift_labels(labels, ignore_index) if shift else labels, None, hidden.shape[0]
+    hidden, labels = check_packed_inputs(hidden, labels, cu_seqlens, prefix=prefix)
+    check_sequence_inputs(hidden[None], weight, labels[None], bias, ignore_index=ignore_index, shift=False,
+                          softcap=softcap, check_values=False, prefix=prefix)
+    if check_values:
+        check_cu_seqlens_values(cu_seqlens, labels.numel())
+    seg, last = packed_layout(cu_seqlens, labels.numel())
+    if shift:
+        labels = shift_packed_labels(labels, last, ignore_index)
+    n_seq = cu_seqlens.numel() - 1
+    if check_values:
+        check_packed_values(labels, seg, n_seq, weight.shape[0], ignore_index=ignore_index, shift=shift,
+                            vocab_of=f"{prefix}weight")
+    return hidden, labels, seg, n_seq
+
+
 def fused_sequence_logps(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -192,24 +218,9 @@ def fused_sequence_logps(
     Returns:
         ``[rows]`` (packed: ``[S]``) float32 log-probs.
     """
-    if cu_seqlens is not None:
-        hidden, labels = check_packed_inputs(hidden, labels, cu_seqlens)
-        check_sequence_inputs(hidden[None], weight, labels[None], bias, ignore_index=ignore_index, shift=False,
-                              softcap=softcap, check_values=False)
-        if check_values:
-            check_cu_seqlens_values(cu_seqlens, labels.numel())
-        seg, last = packed_layout(cu_seqlens, labels.numel())
-        if shift:
-            labels = shift_packed_labels(labels, last, ignore_index)
-        n_seq = cu_seqlens.numel() - 1
-        if check_values:
-            check_packed_values(labels, seg, n_seq, weight.shape[0], ignore_index=ignore_index, shift=shift)
-    else:
-        check_sequence_inputs(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift,
-                              softcap=softcap, check_values=check_values)
-        if shift:
-            labels = shift_labels(labels, ignore_index)
-        seg, n_seq = None, hidden.shape[0]
+    hidden, labels, seg, n_seq = prepare_sequence_inputs(
+        hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale,
+        shift=shift, cu_seqlens=cu_seqlens, check_values=check_values)
     backend = resolve_backend(backend, hidden.device)
     # Mixed precision: under autocast the decoder hands back bf16/fp16 hidden states while the head stays in
     # float32 (master weights). Cast the head to the hidden states' dtype, as autocast does for the plain LM head;
@@ -220,9 +231,6 @@ def fused_sequence_logps(
         bias = bias.to(hidden.dtype)
     if bias is not None and not bias.is_contiguous():  # the kernels read the bias with unit stride; [V] is cheap
         bias = bias.contiguous()
-    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)) or not (
-            math.isfinite(logit_scale) and logit_scale > 0):
-        raise ValueError(f"logit_scale must be a positive finite number, got {logit_scale!r}")
     opts = options or LogpsOptions()
     if opts.softcap != softcap or opts.logit_scale != logit_scale:
         opts = dataclasses.replace(opts, softcap=softcap, logit_scale=float(logit_scale))
