@@ -97,14 +97,19 @@ def pick_epilogue(device: torch.device, opts: LogpsOptions):
 # ----------------------------------------------------------------------------------------------- forward
 
 
-def _logit_block(hc, wc, bc, scale: float = 1.0):
-    z = torch.empty(hc.shape[0], wc.shape[0], dtype=torch.float32, device=hc.device)
+def _logits_into(z, hc, wc, bc, scale: float = 1.0):
+    """``z ← scale · (hc·wcᵀ + bc)`` in float32 (``z`` float32 ``[rows, cols]``)."""
     mm_into(z, hc, wc.T)
     if bc is not None:
         z += bc.float()
     if scale != 1.0:
         z *= scale
     return z
+
+
+def _logit_block(hc, wc, bc, scale: float = 1.0):
+    return _logits_into(torch.empty(hc.shape[0], wc.shape[0], dtype=torch.float32, device=hc.device),
+                        hc, wc, bc, scale)
 
 
 def forward(hidden2d, weight, bias, targets, opts: LogpsOptions, *, epilogue=None):
@@ -156,11 +161,9 @@ class EpilogueGradLogits:
 
     def __call__(self, hc, tgt, lse, g, vs, ve, dz, db, scratch):
         z = dz if scratch is None else scratch.view(dz.shape)
-        mm_into(z, hc, self.weight[vs:ve].T)
-        if self.bias is not None:
-            z += self.bias[vs:ve].float()
-        if self.opts.logit_scale != 1.0:  # (its dz factor comes in through g, see _SequenceLogps._backward)
-            z *= self.opts.logit_scale
+        # (the logit scale's dz factor comes in through g, see _SequenceLogps._backward)
+        _logits_into(z, hc, self.weight[vs:ve], self.bias[vs:ve] if self.bias is not None else None,
+                     self.opts.logit_scale)
         if scratch is None:
             self.epilogue.grad_logits(z, tgt, vs, self.opts.softcap, lse, g)
         else:
