@@ -51,6 +51,17 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 
 
 @triton.jit
+def grad_logit_tile(z, p, is_target, g, row_ok, col_ok, softcap, HAS_SOFTCAP: tl.constexpr):
+    """``dz = g·(onehot − p)`` (× the soft-cap derivative ``1 − (z/c)²``) of a logit tile, zero outside
+    ``row_ok × col_ok``; ``z`` is the (soft-capped) logit tile, ``p = exp(z − lse)``."""
+    dz = g[:, None] * (is_target.to(tl.float32) - p)
+    if HAS_SOFTCAP:
+        zc = tl.where(col_ok[None, :], z / softcap, 0.0)
+        dz = dz * (1.0 - zc * zc)
+    return tl.where(row_ok[:, None] & col_ok[None, :], dz, 0.0)
+
+
+@triton.jit
 def tanh(x):
     # exp form: portable to the interpreter and every backend; exact to fp32 rounding of the exp.
     e = tl.exp(-2.0 * tl.abs(x))

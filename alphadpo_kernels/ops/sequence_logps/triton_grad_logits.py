@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .instrument import record_gemm
 from .options import LogpsOptions
-from .triton_common import check_triton_device, dot_flags, grouped_tile, logit_tile
+from .triton_common import check_triton_device, dot_flags, grad_logit_tile, grouped_tile, logit_tile
 from .tuning import resolve_blocks
 
 
@@ -45,13 +45,9 @@ def _grad_logits_kernel(
                    stride_hm, stride_hk, stride_wv, stride_wk, softcap, logit_scale,
                    HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
     p = tl.exp(z - lse[:, None])  # 0 in columns past the chunk (z = -inf)
-    onehot = ((offs_n + V_OFFSET)[None, :] == tgt[:, None]).to(tl.float32)
-    dz = g[:, None] * (onehot - p)
-    if HAS_SOFTCAP:
-        zc = tl.where(col_ok[None, :], z / softcap, 0.0)
-        dz = dz * (1.0 - zc * zc)
+    is_target = (offs_n + V_OFFSET)[None, :] == tgt[:, None]
+    dz = grad_logit_tile(z, p, is_target, g, row_ok, col_ok, softcap, HAS_SOFTCAP)
     ok = row_ok[:, None] & col_ok[None, :]
-    dz = tl.where(ok, dz, 0.0)
     tl.store(dz_ptr + offs_m[:, None] * stride_dzm + offs_n[None, :], dz.to(dz_ptr.dtype.element_ty), mask=ok)
     if NEED_DB:
         tl.store(dbp_ptr + pid_m.to(tl.int64) * VC + offs_n, tl.sum(dz, axis=0), mask=col_ok)

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .instrument import record_gemm
 from .options import LogpsOptions
-from .triton_common import check_triton_device, dot, dot_flags, grouped_tile, logit_tile
+from .triton_common import check_triton_device, dot, dot_flags, grad_logit_tile, grouped_tile, logit_tile
 from .tuning import resolve_blocks
 
 
@@ -72,12 +72,7 @@ def _skip_backward_kernel(
             if COUNT_SKIPS:
                 tl.atomic_add(skip_count_ptr, 1, sem="relaxed")
             return
-    onehot = is_target.to(tl.float32)
-    dz = g[:, None] * (onehot - p)
-    if HAS_SOFTCAP:
-        zc = tl.where(col_ok[None, :], z / softcap, 0.0)
-        dz = dz * (1.0 - zc * zc)
-    dz = tl.where(live[:, None] & col_ok[None, :], dz, 0.0)
+    dz = grad_logit_tile(z, p, is_target, g, live, col_ok, softcap, HAS_SOFTCAP)
     if NEED_DB:
         tl.atomic_add(db_ptr + offs_n, tl.sum(dz, axis=0), mask=col_ok, sem="relaxed")
     dz_in = dz.to(h_ptr.dtype.element_ty)
