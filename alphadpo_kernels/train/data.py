@@ -32,21 +32,23 @@ def _hub_name(path: str, default_split: str) -> tuple[str, str] | None:
     return name, split or default_split
 
 
+def _datasets(what: str):
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ImportError(f"{what} needs `pip install datasets`") from exc
+    return datasets
+
+
 def load_pairs(path: str, default_split: str = "train") -> list[dict]:
     """JSONL, JSON (a list, or an object with a ``data`` / ``train`` list), a ``datasets`` folder, or a hub data set
     ``org/name[:split]`` (the released runs: ``princeton-nlp/llama3-ultrafeedback``, splits train / test)."""
     hub = _hub_name(path, default_split)
     if hub is not None:
-        try:
-            import datasets
-        except ImportError as exc:
-            raise ImportError(f"{path} names a hub data set: loading it needs `pip install datasets`") from exc
+        datasets = _datasets(f"{path} names a hub data set: loading it")
         rows = [dict(r) for r in datasets.load_dataset(hub[0], split=hub[1])]
     elif os.path.isdir(path):
-        try:
-            import datasets
-        except ImportError as exc:
-            raise ImportError(f"{path} is a folder: reading a datasets folder needs `pip install datasets`") from exc
+        datasets = _datasets(f"{path} is a folder: reading a datasets folder")
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))

@@ -117,12 +117,12 @@ def cache_key(parts: dict) -> str:
 
 
 @torch.no_grad()
-def precompute_reference(runner: nn.Module, loader, *, epochs: int, sampler, accelerator,
+def precompute_reference(runner: nn.Module, loader, *, epochs: int, accelerator,
                          cache_path: str | None) -> list[list[torch.Tensor]]:
     """``[epoch][batch] -> [2P]`` reference log-probs for the batches this process will train on, in order.
 
-    ``loader`` is the prepared data loader the training loop iterates, ``sampler`` its sampler (set to each epoch
-    in turn; None for a fixed order). Runs under the policy's autocast (the caller's ``accelerator.autocast()``).
+    ``loader`` gives epoch ``e``'s batches, in the training loop's order, the ``e``-th time it is iterated (the
+    trainer's ``_EpochLoader``). Runs under the policy's autocast (the caller's ``accelerator.autocast()``).
     """
     if cache_path and os.path.exists(cache_path):
         table = torch.load(cache_path)
@@ -130,9 +130,7 @@ def precompute_reference(runner: nn.Module, loader, *, epochs: int, sampler, acc
             return table
     runner.eval()
     table = []
-    for epoch in range(epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+    for _ in range(epochs):
         table.append([runner(batch).float().cpu() for batch in loader])
     if cache_path:
         os.makedirs(os.path.dirname(cache_path), exist_ok=True)

@@ -86,17 +86,13 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     """Dropout off everywhere, as the released runs effectively train: ``nn.Dropout`` modules, the float rates that
     attention implementations read from their module (``attention_dropout`` & co.) and the config's rates. The
     model stays in train mode (gradient checkpointing needs it)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        for name, value in list(vars(module).items()):
-            if ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float):
-                setattr(module, name, 0.0)
     config = getattr(model, "config", None)
-    if config is not None:
-        for name, value in list(vars(config).items()):
+    for obj in [*model.modules(), *([config] if config is not None else [])]:
+        if isinstance(obj, torch.nn.Dropout):
+            obj.p = 0.0
+        for name, value in list(vars(obj).items()):
             if ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float):
-                setattr(config, name, 0.0)
+                setattr(obj, name, 0.0)
     return model
 
 
@@ -281,10 +277,10 @@ def train(cfg: TrainConfig) -> dict:
             cache = os.path.join(cfg.output_dir, "reference_logps", cache_key(parts))
             with accelerator.autocast():  # the policy's compute dtype, as in the training forward
                 train_ref = precompute_reference(ref_runner, _EpochLoader(accelerator, train_dl), epochs=epochs_needed,
-                                                 sampler=None, accelerator=accelerator, cache_path=cache + "-train.pt")
+                                                 accelerator=accelerator, cache_path=cache + "-train.pt")
                 if eval_dl is not None:
                     eval_ref = precompute_reference(ref_runner, _EpochLoader(accelerator, eval_dl), epochs=1,
-                                                    sampler=None, accelerator=accelerator,
+                                                    accelerator=accelerator,
                                                     cache_path=cache + "-eval.pt")[0]
             ref_runner = ref_model = None  # released: the reference model is no longer needed
             gc.collect()
