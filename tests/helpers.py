@@ -10,7 +10,7 @@ from alphadpo_kernels import LogpsOptions
 
 # Small tiles so that the odd test shapes exercise every tail: V = 123 is not a multiple of 32, H = 40 not of 16.
 SMALL_BLOCKS = LogpsOptions(fwd_block_m=16, fwd_block_n=32, fwd_block_k=16,
-                            bwd_block_m=16, bwd_block_n=32, bwd_block_k=16, group_m=2,
+                            bwd_block_m=16, bwd_block_n=32, bwd_block_k=16, bwd_group_m=2, fwd_group_m=2, fwd_splits=2,
                             chunk_tokens=7, chunk_vocab=50)
 
 

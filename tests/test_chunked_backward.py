@@ -20,7 +20,7 @@ from conftest import rel_err
 from helpers import check_against_fp64, cublas_on_cpu, make_inputs
 
 BLOCKS = LogpsOptions(fwd_block_m=16, fwd_block_n=32, fwd_block_k=16, bwd_block_m=16, bwd_block_n=32,
-                      bwd_block_k=16, group_m=2, chunk_tokens=13, chunk_vocab=29)
+                      bwd_block_k=16, bwd_group_m=2, chunk_tokens=13, chunk_vocab=29)
 SHAPES = {"vocab-outer": dict(vocab=123), "token-outer": dict(vocab=37)}  # ~60 live tokens of 92
 TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-4, 2e-2)}
 

@@ -232,7 +232,7 @@ def _differential(backend, case):
         weight = weight.T.contiguous().T
     tc, vc = case["chunks"]
     opts = LogpsOptions(fwd_block_m=16, fwd_block_n=16, fwd_block_k=16, bwd_block_m=16, bwd_block_n=16,
-                        bwd_block_k=16, group_m=2, memory=case["memory"], chunk_tokens=tc, chunk_vocab=vc)
+                        bwd_block_k=16, bwd_group_m=2, memory=case["memory"], chunk_tokens=tc, chunk_vocab=vc)
     leaves = [t.detach().requires_grad_() for t in (hidden, weight, bias) if t is not None]
     kw = dict(softcap=case["softcap"], shift=case["shift"], average=case["average"], logit_scale=case["logit_scale"])
     out = fused_sequence_logps(leaves[0], leaves[1], labels, bias=leaves[2] if bias is not None else None,

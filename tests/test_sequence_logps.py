@@ -133,9 +133,9 @@ def test_triton_forward_writes_every_live_token(device):
 
 
 @pytest.mark.parametrize("blocks", [
-    dict(fwd_block_m=16, fwd_block_n=16, fwd_block_k=16, bwd_block_m=16, bwd_block_n=16, bwd_block_k=16, group_m=1),
-    dict(fwd_block_m=32, fwd_block_n=128, fwd_block_k=64, bwd_block_m=32, bwd_block_n=128, bwd_block_k=64, group_m=4),
-    dict(fwd_block_m=64, fwd_block_n=64, fwd_block_k=32, bwd_block_m=16, bwd_block_n=64, bwd_block_k=32, group_m=8),
+    dict(fwd_block_m=16, fwd_block_n=16, fwd_block_k=16, bwd_block_m=16, bwd_block_n=16, bwd_block_k=16, bwd_group_m=1, fwd_group_m=1),
+    dict(fwd_block_m=32, fwd_block_n=128, fwd_block_k=64, bwd_block_m=32, bwd_block_n=128, bwd_block_k=64, bwd_group_m=4, fwd_group_m=4, fwd_splits=3),
+    dict(fwd_block_m=64, fwd_block_n=64, fwd_block_k=32, bwd_block_m=16, bwd_block_n=64, bwd_block_k=32, bwd_group_m=8, fwd_splits=1),
 ], ids=["16", "wide", "mixed"])
 def test_triton_block_sizes(blocks, device):
     """Tiles larger than V, H or the token count, and every group size, give the same answer."""

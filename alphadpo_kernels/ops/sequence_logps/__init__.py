@@ -199,7 +199,8 @@ def fused_sequence_logps(
         hidden: ``[rows, T, H]`` float32 / bfloat16 / float16 last hidden states, one sequence a row; or, with
             ``cu_seqlens``, packed sequences ``[N, H]`` (or ``[1, N, H]``).
         weight: ``[V, H]`` LM-head weight on ``hidden``'s device; a different dtype (float32 master weights
-            under autocast) is cast to ``hidden``'s, as autocast does for the plain head.
+            under autocast) is rounded to ``hidden``'s chunk by chunk as it is used, as autocast does for the
+            plain head, and its gradient is written in its own dtype (float32 accumulation, one rounding).
         labels: ``[rows, T]`` (packed: ``[N]`` or ``[1, N]``) integer target ids in ``[0, V)`` or ``ignore_index``.
         bias: optional ``[V]`` LM-head bias.
         shift: if True, the logit at position ``t`` scores the label at ``t + 1`` of the same sequence (the usual
@@ -223,10 +224,10 @@ def fused_sequence_logps(
         shift=shift, cu_seqlens=cu_seqlens, check_values=check_values)
     backend = resolve_backend(backend, hidden.device)
     # Mixed precision: under autocast the decoder hands back bf16/fp16 hidden states while the head stays in
-    # float32 (master weights). Cast the head to the hidden states' dtype, as autocast does for the plain LM head;
-    # autograd takes the gradient back through the cast to the float32 parameter.
-    if weight.dtype != hidden.dtype:
-        weight = weight.to(hidden.dtype)
+    # float32 (master weights). Every backend rounds the head to the hidden states' dtype chunk by chunk as it
+    # uses it, as autocast does for the plain LM head, and writes dW straight into the float32 gradient: no
+    # weight-sized copy is saved for the backward and no bf16 dW is cast by autograd afterwards. (The [V] bias
+    # is cheap: cast here.)
     if bias is not None and bias.dtype != hidden.dtype:
         bias = bias.to(hidden.dtype)
     if bias is not None and not bias.is_contiguous():  # the kernels read the bias with unit stride; [V] is cheap

@@ -47,9 +47,20 @@ class GradLogitsProducer(Protocol):
     bytes_per_element: float  # scratch bytes per element of a dz chunk, all of the producer's buffers included
 
     def __call__(self, hc: torch.Tensor, tgt: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, vs: int, ve: int,
-                 dz: torch.Tensor, db: torch.Tensor | None, scratch: torch.Tensor | None) -> None:
+                 dz: torch.Tensor, db: torch.Tensor | None, scratch: torch.Tensor | None,
+                 w_c: torch.Tensor | None = None) -> None:
         """Write ``dz [rows, ve − vs]`` for hidden rows ``hc``; add its float32 column sums into ``db``.
-        ``scratch`` is a flat buffer of ``scratch_dtype`` with room for ``dz.numel()`` elements."""
+        ``scratch`` is a flat buffer of ``scratch_dtype`` with room for ``dz.numel()`` elements; ``w_c`` the
+        weight rows ``[vs, ve)`` already in ``hc``'s dtype, when the driver has them (else the producer reads its
+        own weight)."""
+
+
+def operand_chunk(weight: torch.Tensor, vs: int, ve: int, dtype: torch.dtype) -> torch.Tensor:
+    """Weight rows ``[vs, ve)`` as a GEMM operand of ``dtype``: a view when the dtypes agree; for float32 master
+    weights under bf16 / fp16 hidden states a rounded copy of the chunk only, as autocast rounds the whole head
+    for the plain LM head (so no weight-sized copy exists at any time)."""
+    w_c = weight[vs:ve]
+    return w_c if w_c.dtype == dtype else w_c.to(dtype)
 
 
 @dataclass(frozen=True)
@@ -84,25 +95,34 @@ def _fit(x: float, align: int, hi: int, lo: int = 1) -> int:
 
 
 def plan_backward(n_live: int, n_tok: int, vocab: int, hdim: int, itemsize: int, bytes_per_element: float,
-                  opts: LogpsOptions, need_dh: bool, need_dw: bool, need_db: bool) -> BackwardPlan:
-    """Chunk sizes and loop order for the given sizes, memory mode and budget (see the module docstring)."""
-    gradients = ((n_tok if need_dh else 0) + (vocab if need_dw else 0)) * hdim * itemsize
+                  opts: LogpsOptions, need_dh: bool, need_dw: bool, need_db: bool, *,
+                  weight_itemsize: int | None = None, cast_itemsize: int = 0) -> BackwardPlan:
+    """Chunk sizes and loop order for the given sizes, memory mode and budget (see the module docstring).
+
+    ``itemsize`` is the hidden states' (dH's) element size, ``weight_itemsize`` dW's (default the same);
+    ``cast_itemsize`` the element size of the rounded weight chunk a float32 master head needs per vocabulary
+    column (0 when the weight is already in the operands' dtype)."""
+    w_item = itemsize if weight_itemsize is None else weight_itemsize
+    gradients = (n_tok * itemsize if need_dh else 0) * hdim + (vocab * w_item if need_dw else 0) * hdim
     budget = opts.budget_bytes(gradients)
     avail = max(budget - PER_TOKEN_BYTES * n_tok, budget // 2)
     if opts.memory == "fast" and need_dh and need_dw:
+        # the smaller float32 accumulator. (A float32 dW would be its own accumulator under token-outer, but that
+        # order re-reads and re-writes all of dW once per token chunk; vocab-outer's dH accumulator is cheaper.)
         order = "vocab-outer" if n_live <= vocab else "token-outer"
         passes = ("vocab",) if order == "vocab-outer" else ("token",)
     else:
         order = "two-pass"
         passes = tuple(p for p, needed in (("vocab", need_dw or (need_db and not need_dh)), ("token", need_dh))
                        if needed)
-    vc = min(opts.chunk_vocab or _fit(avail / (bytes_per_element * max(n_live, 1)), ALIGN_VOCAB, vocab, MIN_COLS),
-             vocab)
+    per_col = cast_itemsize * hdim  # the rounded weight chunk of a float32 master head, per vocabulary column
+    vc = min(opts.chunk_vocab or _fit(avail / (bytes_per_element * max(n_live, 1) + per_col), ALIGN_VOCAB, vocab,
+                                      MIN_COLS), vocab)
     # token pass: a float32 dH accumulator and a row scatter buffer per chunk, the rest for dz sub-chunks
     per_row = (4 + itemsize) * hdim if need_dh else 0
     tc = min(opts.chunk_tokens or _fit(avail / 2 / max(per_row, 1), ALIGN_TOKENS, n_live), n_live)
-    vc2 = min(opts.chunk_vocab or _fit((avail - tc * per_row) / (bytes_per_element * tc), ALIGN_VOCAB, vocab,
-                                       MIN_COLS), vocab)
+    vc2 = min(opts.chunk_vocab or _fit((avail - tc * per_row) / (bytes_per_element * tc + per_col), ALIGN_VOCAB,
+                                       vocab, MIN_COLS), vocab)
     return BackwardPlan(order, passes, n_live, vocab, hdim, vc, tc, vc2, budget)
 
 
@@ -120,7 +140,10 @@ def chunked_backward(hidden2d: torch.Tensor, weight: torch.Tensor, bias: torch.T
                      targets: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, opts: LogpsOptions,
                      need_dh: bool, need_dw: bool, need_db: bool, producer: GradLogitsProducer):
     """Returns ``(dH [N, H] in hidden's dtype, dW [V, H] in weight's dtype, db [V] float32)``, None where not
-    needed. ``targets`` is ``[N]`` with ``-1`` at dead tokens, ``g`` the per-token upstream gradient."""
+    needed. ``targets`` is ``[N]`` with ``-1`` at dead tokens, ``g`` the per-token upstream gradient. ``weight``
+    may be float32 under bf16 / fp16 hidden states (master weights): its chunks are rounded to the hidden
+    states' dtype as they are used, and ``dW`` is written straight in float32 (float32 accumulation inside the
+    GEMM, one rounding)."""
     n_tok, hdim = hidden2d.shape
     vocab = weight.shape[0]
     dev = hidden2d.device
@@ -144,8 +167,10 @@ def chunked_backward(hidden2d: torch.Tensor, weight: torch.Tensor, bias: torch.T
     else:
         tgt, lse_c, g_c = targets.contiguous(), lse.contiguous(), g.float().contiguous()
         hc, live_idx = hidden2d, None
+    cast = weight.dtype != hidden2d.dtype  # float32 master weights: GEMM operands are rounded chunk by chunk
     plan = plan_backward(n, n_tok, vocab, hdim, hidden2d.dtype.itemsize, producer.bytes_per_element, opts,
-                         need_dh, need_dw, need_db)
+                         need_dh, need_dw, need_db, weight_itemsize=weight.dtype.itemsize,
+                         cast_itemsize=hidden2d.dtype.itemsize if cast else 0)
     rows_block = max(1, plan.budget // 4 // (hdim * hidden2d.dtype.itemsize))
 
     with exact_matmul(dev):
@@ -158,10 +183,12 @@ def chunked_backward(hidden2d: torch.Tensor, weight: torch.Tensor, bias: torch.T
                 _write_rows(dh, acc_h, live_idx, 0, rows_block)
                 del acc_h
         elif plan.order == "token-outer":
-            acc_w = torch.zeros(vocab, hdim, dtype=torch.float32, device=dev)
+            # a float32 dW is its own accumulator
+            acc_w = dw.zero_() if dw.dtype == torch.float32 else torch.zeros(vocab, hdim, dtype=torch.float32, device=dev)
             _token_pass(plan, hc, weight, tgt, lse_c, g_c, producer, dh=dh, live_idx=live_idx, acc_w=acc_w, db=db,
                         rows_block=rows_block)
-            dw.copy_(acc_w)
+            if acc_w is not dw:
+                dw.copy_(acc_w)
             del acc_w
         else:
             db_done = False
@@ -194,8 +221,8 @@ def _vocab_pass(plan, hc, weight, tgt, lse, g, producer, *, dw, acc_h, db):
     for vs in range(0, plan.vocab, plan.vocab_chunk):
         ve = min(vs + plan.vocab_chunk, plan.vocab)
         dz, scratch = _chunk(bufs, n, ve - vs)
-        producer(hc, tgt, lse, g, vs, ve, dz, db[vs:ve] if db is not None else None, scratch)
-        w_c = weight[vs:ve]
+        w_c = operand_chunk(weight, vs, ve, hc.dtype)
+        producer(hc, tgt, lse, g, vs, ve, dz, db[vs:ve] if db is not None else None, scratch, w_c)
         if dw is not None:
             mm_into(dw[vs:ve], dz.T, hc)  # one GEMM over all live tokens, written once in the weight's dtype
         if acc_h is not None:
@@ -218,9 +245,9 @@ def _token_pass(plan, hc, weight, tgt, lse, g, producer, *, dh, live_idx, acc_w,
         for vs in range(0, plan.vocab, plan.token_vocab_chunk):
             ve = min(vs + plan.token_vocab_chunk, plan.vocab)
             dz, scratch = _chunk(bufs, rows, ve - vs)
+            w_c = operand_chunk(weight, vs, ve, hct.dtype)
             producer(hct, tgt[ts:te], lse[ts:te], g[ts:te], vs, ve, dz, db[vs:ve] if db is not None else None,
-                     scratch)
-            w_c = weight[vs:ve]
+                     scratch, w_c)
             if acc is not None:
                 (mm_into if vs == 0 else addmm_f32)(acc, dz, w_c)
             if acc_w is not None:

@@ -23,8 +23,12 @@ DEFAULT_BUDGET_BYTES = 64 * 2**20
 LEAN_MIN_BUDGET_BYTES = 2**20
 
 
-BLOCK_FIELDS = ("fwd_block_m", "fwd_block_n", "fwd_block_k", "bwd_block_m", "bwd_block_n", "bwd_block_k",
-                "num_warps", "num_stages")
+# Each Triton kernel owns its launch configuration: the forward (fwd_*) and the backward's dz producer (bwd_*,
+# also the opt-in tile-skipping kernel, within its caps) are tuned and timed separately.
+FWD_FIELDS = ("fwd_block_m", "fwd_block_n", "fwd_block_k", "fwd_num_warps", "fwd_num_stages", "fwd_group_m")
+BWD_FIELDS = ("bwd_block_m", "bwd_block_n", "bwd_block_k", "bwd_num_warps", "bwd_num_stages", "bwd_group_m")
+BLOCK_FIELDS = FWD_FIELDS + BWD_FIELDS
+TILE_FIELDS = ("fwd_block_m", "fwd_block_n", "fwd_block_k", "bwd_block_m", "bwd_block_n", "bwd_block_k")
 
 
 @dataclass(frozen=True)
@@ -44,10 +48,12 @@ class LogpsOptions:
     and the torch backend's forward temporaries; ``chunk_tokens`` / ``chunk_vocab`` override the chunk sizes
     derived from it.
 
-    ``fwd_*`` / ``bwd_*`` size the Triton tiles of the forward kernel and of the backward's ``dz`` kernel (powers
-    of two, at least 16), with ``num_warps`` / ``num_stages``. Left at None they come from
-    ``benchmarks/autotune.py``'s cache for this card and shape, else from the architecture's compile-checked
-    starting point (``tuning.ARCH_DEFAULTS``).
+    ``fwd_*`` / ``bwd_*`` configure the Triton forward kernel and the backward's ``dz`` kernel separately: tile
+    sizes ``*_block_m/n/k`` (powers of two, at least 16), ``*_num_warps``, ``*_num_stages`` and ``*_group_m`` (row
+    blocks that sweep the vocabulary together, so weight tiles are re-read from L2 rather than HBM).
+    ``fwd_splits`` is the number of vocabulary splits of the forward grid (None: enough for the group to fill the
+    card, see ``triton_forward.py``). Left at None they come from ``benchmarks/autotune.py``'s cache for this card
+    and shape, else from the architecture's compile-checked starting point (``tuning.ARCH_DEFAULTS``).
     """
 
     softcap: float | None = None
@@ -56,12 +62,16 @@ class LogpsOptions:
     fwd_block_m: int | None = None
     fwd_block_n: int | None = None
     fwd_block_k: int | None = None
+    fwd_num_warps: int | None = None
+    fwd_num_stages: int | None = None
+    fwd_group_m: int | None = None
+    fwd_splits: int | None = None
     bwd_block_m: int | None = None
     bwd_block_n: int | None = None
     bwd_block_k: int | None = None
-    group_m: int = 8
-    num_warps: int | None = None
-    num_stages: int | None = None
+    bwd_num_warps: int | None = None
+    bwd_num_stages: int | None = None
+    bwd_group_m: int | None = None
     memory_budget_mb: float | None = None
     chunk_tokens: int | None = None
     chunk_vocab: int | None = None
@@ -69,11 +79,15 @@ class LogpsOptions:
     use_extension: bool = True
 
     def __post_init__(self) -> None:
-        for name in BLOCK_FIELDS[:6]:
+        for name in TILE_FIELDS:
             v = getattr(self, name)
             if v is not None and (v < 16 or v & (v - 1)):
                 raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {v}")
-        for name in ("num_warps", "num_stages", "group_m"):
+        for name in ("fwd_num_warps", "bwd_num_warps"):
+            v = getattr(self, name)
+            if v is not None and (v < 1 or v & (v - 1)):
+                raise ValueError(f"{name} must be a power of two or None, got {v}")
+        for name in ("fwd_num_stages", "bwd_num_stages", "fwd_group_m", "bwd_group_m", "fwd_splits"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be a positive integer or None, got {v}")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ... import _extension
-from .chunked_backward import chunked_backward
+from .chunked_backward import chunked_backward, operand_chunk
 from .gemm import exact_matmul, mm_into
 from .options import LogpsOptions
 
@@ -123,14 +123,17 @@ def forward(hidden2d, weight, bias, targets, opts: LogpsOptions, *, epilogue=Non
     s = torch.zeros(n_live, device=hidden2d.device)
     tz = torch.zeros(n_live, device=hidden2d.device)
     tc, vc = _chunk_sizes(n_live, vocab, hdim, opts)
+    # The live rows, gathered once (a view when every token is live): gathering per (vocabulary chunk, token
+    # chunk) would copy them again for every vocabulary chunk, about 27 GB at N = 64k on a Llama-3 head.
+    hidden_live = hidden2d if n_live == n_tok else hidden2d.index_select(0, live_idx)
     with exact_matmul(hidden2d.device):
         for vs in range(0, vocab, vc):
             ve = min(vs + vc, vocab)
-            wc = weight[vs:ve]
+            wc = operand_chunk(weight, vs, ve, hidden2d.dtype)  # float32 master weights: rounded chunk by chunk
             bc = bias[vs:ve] if bias is not None else None
             for ts in range(0, n_live, tc):
                 te = min(ts + tc, n_live)
-                hc = hidden2d.index_select(0, live_idx[ts:te])
+                hc = hidden_live[ts:te]
                 z = _logit_block(hc, wc, bc, opts.logit_scale)
                 epilogue.lse_update(z, tgt[ts:te], vs, opts.softcap, m[ts:te], s[ts:te], tz[ts:te])
     lse_live = m + torch.log(s)
@@ -159,11 +162,11 @@ class EpilogueGradLogits:
         if epilogue is TorchEpilogue:  # its row-block temporaries: at most half the chunk in float32
             self.bytes_per_element += 2
 
-    def __call__(self, hc, tgt, lse, g, vs, ve, dz, db, scratch):
+    def __call__(self, hc, tgt, lse, g, vs, ve, dz, db, scratch, w_c=None):
         z = dz if scratch is None else scratch.view(dz.shape)
+        w_c = operand_chunk(self.weight, vs, ve, hc.dtype) if w_c is None else w_c
         # (the logit scale's dz factor comes in through g, see _SequenceLogps._backward)
-        _logits_into(z, hc, self.weight[vs:ve], self.bias[vs:ve] if self.bias is not None else None,
-                     self.opts.logit_scale)
+        _logits_into(z, hc, w_c, self.bias[vs:ve] if self.bias is not None else None, self.opts.logit_scale)
         if scratch is None:
             self.epilogue.grad_logits(z, tgt, vs, self.opts.softcap, lse, g)
         else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -21,6 +23,24 @@ def check_triton_device(t: torch.Tensor) -> None:
         )
 
 
+def launch_device(t: torch.Tensor):
+    """The context every Triton launch runs in: the tensors' own CUDA device made current. Triton's launcher
+    takes the current device's stream and context, so a head placed on another card (``device_map="auto"``)
+    would otherwise receive that card's pointers on the wrong device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (the interpreter: 132, an H100/H200, so grids are sized alike)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 132
+
+
 def dot_flags(dtype: torch.dtype, device: torch.device) -> dict:
     """fp32 inputs use IEEE dots (no TF32) so that exactness holds; the interpreter's native bf16 dot is
     wrong, so there bf16/fp16 tiles are upcast to fp32 first, which is exact since their products are."""
@@ -36,6 +56,20 @@ def dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def as_operand(w, dtype: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """A weight tile in the hidden states' ``dtype`` (float32 master weights under bf16 / fp16 hidden states),
+    rounded to nearest-even as torch's ``.to`` (and autocast) round the whole head. The interpreter's own
+    float32 → bfloat16 conversion is not round-to-nearest-even, so there (``UPCAST_DOT``, where tiles are upcast
+    for the dot anyway) the bfloat16 value is formed exactly in float32 bits instead."""
+    if UPCAST_DOT and dtype == tl.bfloat16 and w.dtype == tl.float32:
+        bits = w.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return w.to(dtype)
 
 
 @triton.jit
@@ -78,6 +112,7 @@ def logit_tile(
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """float32 ``[BLOCK_M, BLOCK_N]`` tile of logits ``softcap(logit_scale · (h·Wᵀ + b))``; ``-inf`` in columns past V.
+    ``W`` may be stored in a wider dtype than ``h`` (float32 master weights): its tiles are cast to ``h``'s.
 
     ``offs_m`` / ``offs_n`` are int64 so that ``row × stride`` cannot overflow at long context.
     """
@@ -87,8 +122,11 @@ def logit_tile(
         k_ok = offs_k < H
         h = tl.load(h_ptr + offs_m[:, None] * stride_hn + offs_k[None, :] * stride_hk,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        # a float32 master head under bf16 / fp16 hidden states is rounded tile by tile as it is loaded, as
+        # autocast rounds the whole head for the plain LM head: no weight-sized copy is ever made
         w = tl.load(w_ptr + offs_n[:, None] * stride_wv + offs_k[None, :] * stride_wk,
                     mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        w = as_operand(w, h_ptr.dtype.element_ty, UPCAST_DOT)
         acc = dot(h, tl.trans(w), acc, DOT_PRECISION, UPCAST_DOT)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .instrument import record_gemm
 from .options import LogpsOptions
-from .triton_common import check_triton_device, dot_flags, grad_logit_tile, grouped_tile, logit_tile
+from .triton_common import check_triton_device, dot_flags, grad_logit_tile, grouped_tile, launch_device, logit_tile
 from .tuning import resolve_blocks
 
 
@@ -71,23 +71,27 @@ class TritonGradLogits:
         self.bytes_per_element = dtype.itemsize + (4 / opts.bwd_block_m if bias is not None else 0.0)
 
     def __call__(self, hc, tgt, lse, g, vs: int, ve: int, dz: torch.Tensor, db: torch.Tensor | None,
-                 scratch: None = None) -> None:
-        """Fill ``dz [rows, ve − vs]``; add the chunk's column sums of float32 dz into ``db [ve − vs]``."""
+                 scratch: None = None, w_c: torch.Tensor | None = None) -> None:
+        """Fill ``dz [rows, ve − vs]``; add the chunk's column sums of float32 dz into ``db [ve − vs]``.
+        ``w_c``: the chunk's weight rows as the driver holds them (else read from the weight; a float32 weight
+        is rounded to ``hc``'s dtype tile by tile in the kernel)."""
         check_triton_device(hc)
         opts, rows, cols = self.opts, hc.shape[0], ve - vs
-        w_c = self.weight[vs:ve]
+        w_c = self.weight[vs:ve] if w_c is None else w_c
         need_db = db is not None
         part = db_partials(rows, cols, opts, hc.device) if need_db else None
         grid = (triton.cdiv(rows, opts.bwd_block_m) * triton.cdiv(cols, opts.bwd_block_n),)
         record_gemm("triton:grad_logits", rows, cols, hc.shape[1])
-        _grad_logits_kernel[grid](
-            hc, w_c, self.bias[vs:ve] if self.bias is not None else w_c, tgt, lse, g, dz,
-            part if need_db else lse,
-            rows, cols, vs, hc.shape[1], hc.stride(0), hc.stride(1), w_c.stride(0), w_c.stride(1), dz.stride(0),
-            float(opts.softcap or 1.0), float(opts.logit_scale),
-            HAS_BIAS=self.bias is not None, HAS_SOFTCAP=opts.softcap is not None, NEED_DB=need_db,
-            BLOCK_M=opts.bwd_block_m, BLOCK_N=opts.bwd_block_n, BLOCK_K=opts.bwd_block_k, GROUP_M=opts.group_m,
-            **dot_flags(hc.dtype, hc.device), num_warps=opts.num_warps, num_stages=opts.num_stages,
-        )
+        with launch_device(hc):
+            _grad_logits_kernel[grid](
+                hc, w_c, self.bias[vs:ve] if self.bias is not None else w_c, tgt, lse, g, dz,
+                part if need_db else lse,
+                rows, cols, vs, hc.shape[1], hc.stride(0), hc.stride(1), w_c.stride(0), w_c.stride(1), dz.stride(0),
+                float(opts.softcap or 1.0), float(opts.logit_scale),
+                HAS_BIAS=self.bias is not None, HAS_SOFTCAP=opts.softcap is not None, NEED_DB=need_db,
+                BLOCK_M=opts.bwd_block_m, BLOCK_N=opts.bwd_block_n, BLOCK_K=opts.bwd_block_k,
+                GROUP_M=opts.bwd_group_m, **dot_flags(hc.dtype, hc.device), num_warps=opts.bwd_num_warps,
+                num_stages=opts.bwd_num_stages,
+            )
         if need_db:
             db += part.sum(0)

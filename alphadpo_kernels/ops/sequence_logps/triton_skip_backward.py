@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .instrument import record_gemm
 from .options import LogpsOptions
-from .triton_common import check_triton_device, dot, dot_flags, grad_logit_tile, grouped_tile, logit_tile
+from .triton_common import as_operand, check_triton_device, dot, dot_flags, grad_logit_tile, grouped_tile, launch_device, logit_tile
 from .tuning import resolve_blocks
 
 
@@ -82,6 +82,7 @@ def _skip_backward_kernel(
         if NEED_DH:
             w = tl.load(w_ptr + offs_n[:, None] * stride_wv + offs_k[None, :] * stride_wk,
                         mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            w = as_operand(w, h_ptr.dtype.element_ty, UPCAST_DOT)
             dh = dot(dz_in, w, tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32), DOT_PRECISION, UPCAST_DOT)
             # dead rows are left alone (the caller's zeros), even where a head entry is inf and 0·inf is NaN
             tl.atomic_add(dh_ptr + offs_m[:, None] * H + offs_k[None, :], dh,
@@ -99,7 +100,7 @@ def skip_tiles(opts: LogpsOptions) -> dict:
     kernel's: at most 64 tokens × 128 vocabulary entries and three stages (checked by compile_check.py: tensor
     cores without spills in bf16 / fp16, shared memory within sm_80's limit in every dtype)."""
     return dict(BLOCK_M=min(opts.bwd_block_m, 64), BLOCK_N=min(opts.bwd_block_n, 128), BLOCK_K=opts.bwd_block_k,
-                GROUP_M=opts.group_m, num_stages=min(opts.num_stages, 3))
+                GROUP_M=opts.bwd_group_m, num_stages=min(opts.bwd_num_stages, 3))
 
 
 def skip_backward(hidden2d, weight, bias, targets, lse, g, opts: LogpsOptions, need_dh, need_dw, need_db, *,
@@ -131,17 +132,18 @@ def skip_backward(hidden2d, weight, bias, targets, lse, g, opts: LogpsOptions, n
             acc.zero_()
         grid = (triton.cdiv(n_tok, tiles["BLOCK_M"]) * triton.cdiv(ve - vs, bn),)
         record_gemm("triton:skip_backward", n_tok, ve - vs, hdim * (1 + need_dh + need_dw))
-        _skip_backward_kernel[grid](
-            hidden2d, w_c, bias[vs:ve] if bias is not None else w_c, targets, lse, g,
-            dh if need_dh else lse, acc if need_dw else lse, db[vs:ve] if need_db else lse,
-            skip_count if skip_count is not None else targets,
-            n_tok, ve - vs, vs, hdim, hidden2d.stride(0), hidden2d.stride(1), weight.stride(0), weight.stride(1),
-            float(opts.softcap or 1.0), float(opts.logit_scale), float(eps or 0.0),
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None,
-            FILTER=eps is not None, COUNT_SKIPS=skip_count is not None,
-            NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
-            **tiles, **flags, num_warps=opts.num_warps,
-        )
+        with launch_device(hidden2d):
+            _skip_backward_kernel[grid](
+                hidden2d, w_c, bias[vs:ve] if bias is not None else w_c, targets, lse, g,
+                dh if need_dh else lse, acc if need_dw else lse, db[vs:ve] if need_db else lse,
+                skip_count if skip_count is not None else targets,
+                n_tok, ve - vs, vs, hdim, hidden2d.stride(0), hidden2d.stride(1), weight.stride(0), weight.stride(1),
+                float(opts.softcap or 1.0), float(opts.logit_scale), float(eps or 0.0),
+                HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None,
+                FILTER=eps is not None, COUNT_SKIPS=skip_count is not None,
+                NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
+                **tiles, **flags, num_warps=opts.bwd_num_warps,
+            )
         if need_dw:
             dw[vs:ve].copy_(acc)
     if need_dh and dh.dtype != hidden2d.dtype:

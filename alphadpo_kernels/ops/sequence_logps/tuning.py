@@ -24,27 +24,29 @@ import torch
 from .options import BLOCK_FIELDS, LogpsOptions
 
 # Starting points by compute-capability major (8: A100 class, 9: H100/H200): compile-checked, speed unmeasured.
+# Each kernel has its own: the forward (fwd_*) and the backward's dz producer (bwd_*).
 ARCH_DEFAULTS: dict[int, dict] = {
-    8: dict(fwd_block_m=128, fwd_block_n=128, fwd_block_k=32, bwd_block_m=128, bwd_block_n=128, bwd_block_k=32,
-            num_warps=8, num_stages=4),
-    9: dict(fwd_block_m=128, fwd_block_n=128, fwd_block_k=64, bwd_block_m=128, bwd_block_n=128, bwd_block_k=64,
-            num_warps=8, num_stages=4),
+    8: dict(fwd_block_m=128, fwd_block_n=128, fwd_block_k=32, fwd_num_warps=8, fwd_num_stages=4, fwd_group_m=8,
+            bwd_block_m=128, bwd_block_n=128, bwd_block_k=32, bwd_num_warps=8, bwd_num_stages=4, bwd_group_m=8),
+    9: dict(fwd_block_m=128, fwd_block_n=128, fwd_block_k=64, fwd_num_warps=8, fwd_num_stages=4, fwd_group_m=8,
+            bwd_block_m=128, bwd_block_n=128, bwd_block_k=64, bwd_num_warps=8, bwd_num_stages=4, bwd_group_m=8),
 }
 # The interpreter (CPU tensors) and unknown architectures start from the sm_80 blocks.
 FALLBACK_MAJOR = 8
 
-CANDIDATES: tuple[dict, ...] = (
-    ARCH_DEFAULTS[9],
-    ARCH_DEFAULTS[8],
-    dict(fwd_block_m=128, fwd_block_n=128, fwd_block_k=64, bwd_block_m=128, bwd_block_n=128, bwd_block_k=64,
-         num_warps=8, num_stages=3),
-    dict(fwd_block_m=64, fwd_block_n=256, fwd_block_k=64, bwd_block_m=64, bwd_block_n=256, bwd_block_k=64,
-         num_warps=8, num_stages=3),
-    dict(fwd_block_m=64, fwd_block_n=128, fwd_block_k=64, bwd_block_m=128, bwd_block_n=128, bwd_block_k=64,
-         num_warps=8, num_stages=3),
-    dict(fwd_block_m=128, fwd_block_n=64, fwd_block_k=64, bwd_block_m=128, bwd_block_n=64, bwd_block_k=64,
-         num_warps=4, num_stages=3),
-)
+
+def _cfg(prefix: str, m: int, n: int, k: int, warps: int, stages: int, group: int = 8) -> dict:
+    return {f"{prefix}_block_m": m, f"{prefix}_block_n": n, f"{prefix}_block_k": k, f"{prefix}_num_warps": warps,
+            f"{prefix}_num_stages": stages, f"{prefix}_group_m": group}
+
+
+# The autotuner's candidates, per kernel: the configurations that compile without spills on sm_90 in bf16
+# (benchmarks/compile_check.py --candidates holds every one of them to that), each timed on its own kernel.
+_SHAPES = ((128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 256, 64, 8, 3),
+           (64, 128, 64, 8, 3), (128, 128, 32, 8, 4))
+FWD_CANDIDATES: tuple[dict, ...] = tuple(_cfg("fwd", *c) for c in _SHAPES)
+BWD_CANDIDATES: tuple[dict, ...] = tuple(_cfg("bwd", *c) for c in _SHAPES + ((128, 256, 64, 16, 3),))
+CANDIDATES = {"forward": FWD_CANDIDATES, "backward": BWD_CANDIDATES}
 
 
 def cache_path() -> str:
@@ -113,52 +115,98 @@ def cuda_time_ms(fn: Callable[[], None]) -> float:
     return start.elapsed_time(end)
 
 
-def autotune(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-             candidates: Iterable[dict] = CANDIDATES, repeats: int = 5, warmup: int = 1,
-             timer: Callable[[Callable[[], None]], float] | None = None, path: str | None = None,
-             backend: str = "triton", write: bool = True) -> dict:
-    """Time forward + backward of ``fused_sequence_logps`` for each candidate on these inputs, drop candidates
-    that fail to run (e.g. too much shared memory) or disagree with the torch backend, cache the fastest.
+def _timed(fn: Callable[[], None], timer, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    return statistics.median(timer(fn) for _ in range(repeats))
 
-    Returns ``{"key", "options", "ms", "results"}`` where ``results`` lists every candidate with its median
-    time or the reason it was dropped.
+
+def autotune(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+             candidates: dict[str, Iterable[dict]] | None = None, repeats: int = 5, warmup: int = 1,
+             timer: Callable[[Callable[[], None]], float] | None = None, path: str | None = None,
+             write: bool = True) -> dict:
+    """Time each Triton kernel on its own for each of its candidates on these inputs, drop candidates that fail
+    to run (e.g. too much shared memory) or disagree with the torch backend, cache the fastest of each.
+
+    * ``"forward"``: the whole forward (the split-vocabulary kernel and its merge), per token ``lse`` and log-prob
+      checked against the torch backend (relative 1e-3).
+    * ``"backward"``: the ``dz`` producer over the backward's first vocabulary chunks at the chunk width the
+      default plan uses, ``dz`` checked against the torch producer. The gradient GEMMs that follow are cuBLAS'
+      and do not depend on these blocks.
+
+    Returns ``{"key", "options", "ms": {kernel: ms}, "results": {kernel: [...]}}`` where each result lists a
+    candidate with its median time or the reason it was dropped.
     """
-    from . import fused_sequence_logps
+    from . import torch_chunked, triton_forward
+    from .chunked_backward import plan_backward
+    from .triton_grad_logits import TritonGradLogits
 
     timer = timer or cuda_time_ms
-    check = fused_sequence_logps(hidden.detach(), weight.detach(), labels, backend="torch", check_values=False)
-    results = []
-    for cand in candidates:
-        h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
-        try:
-            opts = dataclasses.replace(LogpsOptions(), **cand)
+    candidates = candidates or CANDIDATES
+    h2 = hidden.detach().reshape(-1, hidden.shape[-1])
+    w = weight.detach()
+    targets = labels.reshape(-1).long().clamp(min=-1)
+    base = resolve_blocks(LogpsOptions(), h2.device, h2.dtype, h2.shape[1], w.shape[0])
+    ref_logp, ref_lse = torch_chunked.forward(h2, w.to(h2.dtype), None, targets, LogpsOptions())
 
-            def step(opts=opts):
-                h.grad = w.grad = None
-                fused_sequence_logps(h, w, labels, backend=backend, options=opts, check_values=False).sum().backward()
+    # the backward's first chunk, at the width the default plan gives it
+    live = (targets >= 0).nonzero().squeeze(1)
+    hc, tgt, lse_c = h2[live].contiguous(), targets[live].contiguous(), ref_lse[live].contiguous()
+    g = torch.full_like(lse_c, 1.0 / max(live.numel(), 1))
+    probe = TritonGradLogits(w, None, base, h2.dtype)
+    plan = plan_backward(live.numel(), h2.shape[0], w.shape[0], h2.shape[1], h2.dtype.itemsize,
+                         probe.bytes_per_element, LogpsOptions(), True, True, False)
+    vc = plan.vocab_chunk
+    n_chunks = max(1, min(8, w.shape[0] // vc))
+    dz_ref = torch.empty(live.numel(), vc, dtype=torch.float32, device=h2.device)
+    torch_chunked.EpilogueGradLogits(w.to(h2.dtype), None, LogpsOptions(), torch_chunked.TorchEpilogue,
+                                     torch.float32)(hc, tgt, lse_c, g, 0, vc, dz_ref, None, None)
+    dz = torch.empty(live.numel(), vc, dtype=h2.dtype, device=h2.device)
 
-            out = fused_sequence_logps(h.detach(), w.detach(), labels, backend=backend, options=opts,
-                                       check_values=False)
-            err = float((out - check).abs().max() / check.abs().max().clamp_min(1e-30))
-            if err > 1e-3:
-                results.append(dict(options=cand, error=f"disagrees with the torch backend ({err:.1e})"))
-                continue
-            for _ in range(warmup):
-                step()
-            ms = statistics.median(timer(step) for _ in range(repeats))
-            results.append(dict(options=cand, ms=ms))
-        except Exception as exc:  # noqa: BLE001 - a candidate that cannot run is simply dropped
-            results.append(dict(options=cand, error=f"{type(exc).__name__}: {str(exc)[:160]}"))
-    timed = [r for r in results if "ms" in r]
-    if not timed:
-        raise RuntimeError(f"no candidate ran: {results}")
-    best = min(timed, key=lambda r: r["ms"])
+    def rel(a, b):
+        return float((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+    results: dict[str, list] = {"forward": [], "backward": []}
+    for kernel, cands in candidates.items():
+        for cand in cands:
+            try:
+                opts = dataclasses.replace(base, **cand)
+                if kernel == "forward":
+                    def run(opts=opts):
+                        return triton_forward.forward(h2, w, None, targets, opts)
+
+                    logp, lse = run()
+                    err = max(rel(lse[live], ref_lse[live]), rel(logp[live], ref_logp[live]))
+                else:
+                    producer = TritonGradLogits(w, None, opts, h2.dtype)
+
+                    def run(producer=producer):
+                        for c in range(n_chunks):
+                            producer(hc, tgt, lse_c, g, c * vc, (c + 1) * vc, dz, None)
+
+                    producer(hc, tgt, lse_c, g, 0, vc, dz, None)
+                    err = rel(dz, dz_ref)
+                if err > 1e-2:
+                    results[kernel].append(dict(options=cand, error=f"disagrees with the torch backend ({err:.1e})"))
+                    continue
+                results[kernel].append(dict(options=cand, ms=_timed(run, timer, repeats, warmup)))
+            except Exception as exc:  # noqa: BLE001 - a candidate that cannot run is simply dropped
+                results[kernel].append(dict(options=cand, error=f"{type(exc).__name__}: {str(exc)[:160]}"))
+    best: dict = {}
+    ms: dict = {}
+    for kernel, rows in results.items():
+        timed = [r for r in rows if "ms" in r]
+        if not timed:
+            raise RuntimeError(f"no {kernel} candidate ran: {rows}")
+        winner = min(timed, key=lambda r: r["ms"])
+        best.update(winner["options"])
+        ms[kernel] = winner["ms"]
     key = cache_key(hidden.device, hidden.dtype, hidden.shape[-1], weight.shape[0])
-    record = {"key": key, "options": best["options"], "ms": best["ms"], "results": results}
+    record = {"key": key, "options": best, "ms": ms, "results": results}
     if write:
         target = path or cache_path()
         data = dict(_read(target))
-        data[key] = {"options": best["options"], "ms": best["ms"]}
+        data[key] = {"options": best, "ms": ms}
         os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
         with open(target, "w") as f:
             json.dump(data, f, indent=1)
