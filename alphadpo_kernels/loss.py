@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ._validation import check_loss_hparams, check_pair_rows, check_ref_logps
+from ._validation import ValueChecks, check_loss_hparams, check_pair_rows, check_ref_logps, prepared_once
 from .losses import (
     alpha_dpo_head,
     canonical_loss_type,
@@ -42,16 +42,25 @@ class AlphaDPOOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _check_head_inputs(hidden, weight, labels, bias, cu_seqlens, *, prefix, seq_kwargs, check_values) -> int:
-    """Validate one head's inputs, padded or packed; returns the number of sequences."""
+def _check_head_inputs(hidden, weight, labels, bias, cu_seqlens, *, prefix, seq_kwargs, check_values,
+                       checks: ValueChecks | None) -> int:
+    """Validate one head's inputs, padded or packed, its value checks added to ``checks``; returns the number of
+    sequences. Inside the loss call's ``prepared_once`` scope the op called on the same tensors reuses this."""
     return prepare_sequence_inputs(
         hidden, weight, labels, bias, ignore_index=seq_kwargs["ignore_index"], softcap=seq_kwargs["softcap"],
         logit_scale=seq_kwargs["logit_scale"], shift=seq_kwargs["shift"], cu_seqlens=cu_seqlens,
-        check_values=check_values, prefix=prefix)[3]
+        check_values=check_values, prefix=prefix, checks=checks)[3]
 
 
-def _reference_logps(labels, *, ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias,
-                     pairs, device, loss_type, seq_kwargs, check_values, against="hidden"):
+def _detached(t):
+    return t.detach() if isinstance(t, torch.Tensor) else t
+
+
+def _reference_inputs(labels, *, ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias,
+                      pairs, device, loss_type, seq_kwargs, check_values, checks, against="hidden"):
+    """Validate the reference: returns ``("given", ref_c, ref_r)``, ``("none", None, None)`` or
+    ``("head", ref_hidden, ref_weight, ref_bias)`` (detached, validated) for :func:`_reference_logps` to run once
+    every value check has passed."""
     given = (ref_chosen_logps is not None, ref_rejected_logps is not None)
     if given[0] != given[1]:
         missing = "ref_rejected_logps" if given[0] else "ref_chosen_logps"
@@ -59,26 +68,36 @@ def _reference_logps(labels, *, ref_chosen_logps, ref_rejected_logps, ref_hidden
     if given[0] and ref_hidden is not None:
         raise ValueError("pass either ref_chosen_logps/ref_rejected_logps or ref_hidden/ref_weight, not both")
     if given[0]:
-        return (check_ref_logps(ref_chosen_logps, "ref_chosen_logps", pairs, device, check_values, against),
-                check_ref_logps(ref_rejected_logps, "ref_rejected_logps", pairs, device, check_values, against))
+        return ("given",
+                check_ref_logps(ref_chosen_logps, "ref_chosen_logps", pairs, device, check_values, against, checks),
+                check_ref_logps(ref_rejected_logps, "ref_rejected_logps", pairs, device, check_values, against,
+                                checks))
     if ref_hidden is None:
         if ref_weight is not None or ref_bias is not None:
             raise ValueError("ref_weight/ref_bias given without ref_hidden")
         if needs_reference(loss_type):
             raise ValueError(f"loss_type={loss_type!r} needs reference log-probs: pass ref_chosen_logps and "
                              "ref_rejected_logps, or ref_hidden and ref_weight")
-        return None, None
+        return "none", None, None
     if ref_weight is None:
         raise ValueError("ref_hidden given without ref_weight; pass ref_weight=weight if the reference model "
                          "shares the policy's LM head")
+    # the tensors the op will get, validated as such (so it reuses this validation), named as the caller passed them
+    ref_hidden, ref_weight, ref_bias = _detached(ref_hidden), _detached(ref_weight), _detached(ref_bias)
     # the reference head's own vocabulary bounds the labels too (a smaller ref_weight would read garbage rows)
     _check_head_inputs(ref_hidden, ref_weight, labels, ref_bias, seq_kwargs.get("cu_seqlens"), prefix="ref_",
-                       seq_kwargs=seq_kwargs, check_values=check_values)
+                       seq_kwargs=seq_kwargs, check_values=check_values, checks=checks)
+    return "head", ref_hidden, ref_weight, ref_bias
+
+
+def _reference_logps(ref, labels, pairs, seq_kwargs):
+    """The reference log-probs ``(ref_c, ref_r)`` (or ``(None, None)``) of validated :func:`_reference_inputs`."""
+    if ref[0] != "head":
+        return ref[1], ref[2]
+    _, ref_hidden, ref_weight, ref_bias = ref
     with torch.no_grad():
-        ref = fused_sequence_logps(ref_hidden.detach(), ref_weight.detach(), labels,
-                                   bias=ref_bias.detach() if ref_bias is not None else None,
-                                   check_values=False, **seq_kwargs)
-    return ref[:pairs], ref[pairs:]
+        logps = fused_sequence_logps(ref_hidden, ref_weight, labels, bias=ref_bias, check_values=False, **seq_kwargs)
+    return logps[:pairs], logps[pairs:]
 
 
 def _margin_state(value, name: str, device: torch.device) -> torch.Tensor:
@@ -86,6 +105,8 @@ def _margin_state(value, name: str, device: torch.device) -> torch.Tensor:
     float32 whatever dtype they arrive in)."""
     if value is None:
         return torch.zeros(1, dtype=torch.float32, device=device)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):  # a fill: no host-to-device copy (a sync)
+        return torch.full((1,), float(value), dtype=torch.float32, device=device)
     t = torch.as_tensor(value, dtype=None if isinstance(value, torch.Tensor) else torch.float32, device=device)
     if t.numel() != 1 or not t.is_floating_point():
         raise ValueError(f"{name} must be a number or a floating tensor with one element, got {value!r}")
@@ -157,14 +178,21 @@ def fused_alpha_dpo_loss(
                        label_smoothing=label_smoothing, std_eps=std_eps, softcap=softcap, logit_scale=logit_scale)
     seq_kwargs = dict(ignore_index=ignore_index, average=average_log_prob, softcap=softcap, logit_scale=logit_scale,
                       shift=shift, backend=backend, options=options, cu_seqlens=cu_seqlens)
-    n_seq = _check_head_inputs(hidden, weight, labels, bias, cu_seqlens, prefix="", seq_kwargs=seq_kwargs,
-                               check_values=check_values)
-    pairs = check_pair_rows(n_seq, "hidden" if cu_seqlens is None else "cu_seqlens")
-    ref_c, ref_r = _reference_logps(
-        labels, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps, ref_hidden=ref_hidden,
-        ref_weight=ref_weight, ref_bias=ref_bias, pairs=pairs, device=hidden.device, loss_type=loss_type,
-        seq_kwargs=seq_kwargs, check_values=check_values)
-    logps = fused_sequence_logps(hidden, weight, labels, bias=bias, check_values=False, **seq_kwargs)
+    # Every input is validated once: metadata first, the value checks of both heads and the reference log-probs
+    # then read with one host sync, and the ops called below reuse this validation and the packed layout.
+    checks = ValueChecks() if check_values else None
+    with prepared_once():
+        n_seq = _check_head_inputs(hidden, weight, labels, bias, cu_seqlens, prefix="", seq_kwargs=seq_kwargs,
+                                   check_values=check_values, checks=checks)
+        pairs = check_pair_rows(n_seq, "hidden" if cu_seqlens is None else "cu_seqlens")
+        ref = _reference_inputs(
+            labels, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps, ref_hidden=ref_hidden,
+            ref_weight=ref_weight, ref_bias=ref_bias, pairs=pairs, device=hidden.device, loss_type=loss_type,
+            seq_kwargs=seq_kwargs, check_values=check_values, checks=checks)
+        if checks is not None:
+            checks.run()
+        ref_c, ref_r = _reference_logps(ref, labels, pairs, seq_kwargs)
+        logps = fused_sequence_logps(hidden, weight, labels, bias=bias, check_values=False, **seq_kwargs)
     return _preference_head(
         logps[:pairs], logps[pairs:], ref_c, ref_r, loss_type=loss_type, beta=beta,
         gamma_beta_ratio=gamma_beta_ratio, alpha=alpha, margin_mean=margin_mean, margin_std=margin_std,
@@ -304,10 +332,12 @@ class FusedAlphaDPOLoss(nn.Module):
         if pairs == 0:
             raise ValueError("chosen_logps is empty: the loss needs at least one pair")
         check_ref_logps(rejected_logps, "rejected_logps", pairs, chosen_logps.device, against="chosen_logps")
-        ref_c, ref_r = _reference_logps(
+        checks = ValueChecks()
+        _, ref_c, ref_r = _reference_inputs(
             None, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps, ref_hidden=None,
             ref_weight=None, ref_bias=None, pairs=pairs, device=chosen_logps.device, loss_type=self.loss_type,
-            seq_kwargs={}, check_values=self.check_values, against="chosen_logps")
+            seq_kwargs={}, check_values=self.check_values, checks=checks, against="chosen_logps")
+        checks.run()  # one host sync for both reference log-probs' finiteness (none with check_values=False)
         out = _preference_head(
             chosen_logps, rejected_logps, ref_c, ref_r, loss_type=self.loss_type, beta=self.beta,
             gamma_beta_ratio=self.gamma_beta_ratio, alpha=self.alpha, margin_mean=self.margin_mean,

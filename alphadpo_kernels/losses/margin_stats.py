@@ -23,13 +23,14 @@ def batch_margin_stats(margins: torch.Tensor, process_group=None) -> tuple[torch
     """``(mean, std)`` of ``margins`` over every rank, as float64 0-d tensors (std unbiased, 0 for one value)."""
     x = margins.detach().double().reshape(-1)
     if _distributed(process_group):
-        count_sum = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device), x.sum()])
+        # torch.full, not torch.tensor: a fill kernel, where a copy from the host would synchronise the stream
+        count_sum = torch.stack([torch.full((), float(x.numel()), dtype=torch.float64, device=x.device), x.sum()])
         dist.all_reduce(count_sum, group=process_group)
         n, mean = count_sum[0], count_sum[1] / count_sum[0]
         ss = ((x - mean) ** 2).sum()
         dist.all_reduce(ss, group=process_group)
     else:
-        n = torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)
+        n = torch.full((), float(x.numel()), dtype=torch.float64, device=x.device)
         mean = x.mean()
         ss = ((x - mean) ** 2).sum()
     var = ss / torch.clamp(n - 1, min=1.0)

@@ -10,11 +10,14 @@ from typing import Literal
 import torch
 
 from ..._validation import (
+    ValueChecks,
     check_cu_seqlens_values,
     check_logit_scale,
     check_packed_inputs,
     check_packed_values,
     check_sequence_inputs,
+    recall,
+    remember,
 )
 from .naive import reference_sequence_logps, shift_labels
 from .options import LogpsOptions
@@ -127,13 +130,15 @@ class _SequenceLogps(torch.autograd.Function):
 
 
 def packed_layout(cu_seqlens: torch.Tensor, n_tok: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(seg [N] int64, last [N] bool)``: each token's sequence, and whether it ends its sequence. No host sync."""
+    """``(seg [N] int64, last [N] bool)``: each token's sequence, and whether it ends its sequence. No host sync,
+    and no device-side assert whatever ``cu_seqlens`` holds (the value checks read it only afterwards): ``seg[t]``
+    counts the sequence ends at or before ``t`` (clamped to the last sequence), and a token is last where the
+    next token's sequence differs, so an empty sequence owns no token and ends nowhere."""
     cu = cu_seqlens.long()
-    lengths = cu[1:] - cu[:-1]
-    seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths, output_size=n_tok)
-    last = torch.zeros(n_tok, dtype=torch.bool, device=cu.device)
-    ends = (cu[1:] - 1).clamp(min=0)
-    last[ends[lengths > 0]] = True  # an empty sequence ends nowhere (rejected with check_values)
+    pos = torch.arange(n_tok, device=cu.device)
+    seg = torch.searchsorted(cu[1:], pos, right=True).clamp_(max=cu.numel() - 2)
+    last = torch.ones(n_tok, dtype=torch.bool, device=cu.device)
+    last[:-1] = seg[1:] != seg[:-1]
     return seg, last
 
 
@@ -147,28 +152,49 @@ def shift_packed_labels(labels: torch.Tensor, last: torch.Tensor, ignore_index: 
 
 def prepare_sequence_inputs(hidden, weight, labels, bias, *, ignore_index: int, softcap: float | None,
                             logit_scale: float, shift: bool, cu_seqlens: torch.Tensor | None, check_values: bool,
-                            prefix: str = ""):
+                            prefix: str = "", checks: ValueChecks | None = None):
     """Validate the op's inputs, padded or packed (``prefix``: ``"ref_"`` for a reference head's), and lay them out:
     returns ``(hidden, labels, seg, n_seq)`` with packed input flattened to ``[N, H]`` / ``[N]``, labels shifted
-    when ``shift``, ``seg`` each packed token's sequence (None when padded) and the number of sequences."""
+    when ``shift``, ``seg`` each packed token's sequence (None when padded) and the number of sequences.
+
+    The value checks (``check_values``) leave their failure flags on the device and are read with one host sync:
+    here, or, when ``checks`` is given, by its owner together with its other checks (a loss call: one sync for all).
+    Inside a loss call (``_validation.prepared_once``) the result is remembered by the arguments' identity: the op
+    the loss calls next reuses it instead of validating and laying out the same inputs again, and a reference
+    head on the same labels reuses their layout."""
+    key = ("prepared", hidden, weight, labels, bias, cu_seqlens, ignore_index, softcap, logit_scale, shift)
+    done = recall(key)
+    if done is not None and (done[0] or not check_values):  # validated in this loss call already
+        return done[1]
     check_logit_scale(logit_scale)
+    own = checks is None and check_values
+    if own:
+        checks = ValueChecks()
     if cu_seqlens is None:
         check_sequence_inputs(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift, softcap=softcap,
-                              check_values=check_values, prefix=prefix)
-        return hidden, shift_labels(labels, ignore_index) if shift else labels, None, hidden.shape[0]
-    hidden, labels = check_packed_inputs(hidden, labels, cu_seqlens, prefix=prefix)
-    check_sequence_inputs(hidden[None], weight, labels[None], bias, ignore_index=ignore_index, shift=False,
-                          softcap=softcap, check_values=False, prefix=prefix)
-    if check_values:
-        check_cu_seqlens_values(cu_seqlens, labels.numel())
-    seg, last = packed_layout(cu_seqlens, labels.numel())
-    if shift:
-        labels = shift_packed_labels(labels, last, ignore_index)
-    n_seq = cu_seqlens.numel() - 1
-    if check_values:
-        check_packed_values(labels, seg, n_seq, weight.shape[0], ignore_index=ignore_index, shift=shift,
-                            vocab_of=f"{prefix}weight")
-    return hidden, labels, seg, n_seq
+                              check_values=check_values, prefix=prefix, checks=checks)
+        result = hidden, shift_labels(labels, ignore_index) if shift else labels, None, hidden.shape[0]
+    else:
+        flat_hidden, flat_labels = check_packed_inputs(hidden, labels, cu_seqlens, prefix=prefix)
+        check_sequence_inputs(flat_hidden[None], weight, flat_labels[None], bias, ignore_index=ignore_index,
+                              shift=False, softcap=softcap, check_values=False, prefix=prefix)
+        layout_key = ("packed layout", labels, cu_seqlens, shift, ignore_index)
+        layout = recall(layout_key)
+        if layout is None:
+            seg, last = packed_layout(cu_seqlens, flat_labels.numel())
+            layout = (shift_packed_labels(flat_labels, last, ignore_index) if shift else flat_labels), seg
+            remember(layout_key, layout)
+        flat_labels, seg = layout
+        n_seq = cu_seqlens.numel() - 1
+        if check_values:
+            check_cu_seqlens_values(cu_seqlens, flat_labels.numel(), checks=checks)
+            check_packed_values(flat_labels, seg, n_seq, weight.shape[0], ignore_index=ignore_index, shift=shift,
+                                vocab_of=f"{prefix}weight", checks=checks)
+        result = flat_hidden, flat_labels, seg, n_seq
+    if own:
+        checks.run()
+    remember(key, (check_values, result))
+    return result
 
 
 def fused_sequence_logps(

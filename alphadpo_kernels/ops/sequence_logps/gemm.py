@@ -28,22 +28,49 @@ from .instrument import record_gemm
 UPCAST_BLOCK_BYTES = 4 * 2**20
 
 
+# How a torch or card without an ``out_dtype`` kernel says so: the probe's answer is then "no". Any other error
+# (out of memory, an illegal access, a launch failure) says nothing about the kernel: it propagates, and since
+# ``functools.cache`` caches only returns, the next call probes again.
+_UNSUPPORTED = ("not implemented", "notimplemented", "not supported", "not_supported", "unsupported",
+                "only supported", "could not run", "no kernel image", "out_dtype", "same dtype",
+                "expected self and mat2", "expected mat1 and mat2", "must have the same dtype")
+
+
+def _says_unsupported(err: BaseException) -> bool:
+    if isinstance(err, torch.OutOfMemoryError):
+        return False
+    if isinstance(err, NotImplementedError):
+        return True
+    msg = str(err).lower()
+    if isinstance(err, TypeError):  # an older torch: "mm() got an unexpected keyword argument 'out_dtype'"
+        return "out_dtype" in msg
+    return "out of memory" not in msg and "alloc_failed" not in msg and any(s in msg for s in _UNSUPPORTED)
+
+
+def _probe(kind: str, dtype: torch.dtype, device_index: int) -> bool:
+    with torch.cuda.device(device_index), exact_matmul(torch.device("cuda", device_index)):
+        a = torch.ones(2, 2, device="cuda", dtype=dtype)
+        acc = torch.ones(2, 2, device="cuda", dtype=torch.float32)
+        if kind == "mm":
+            torch.mm(a, a, out_dtype=torch.float32, out=acc)
+            return bool((acc == 2.0).all())
+        # torch 2.8 insisted on a `self` in the operands' dtype; later versions take the float32 accumulator
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        return bool((acc == 3.0).all())
+
+
 @functools.cache
 def _cuda_has(kind: str, dtype: torch.dtype = torch.bfloat16, device_index: int = 0) -> bool:
     """Whether this torch and card have the CUDA ``out_dtype`` kernel ``kind`` for ``dtype`` operands, probed
-    once on tiny tensors (an accumulator starting at 1 checks that ``addmm`` really accumulates)."""
+    once on tiny tensors (an accumulator starting at 1 checks that ``addmm`` really accumulates). Only a
+    "not supported"-type error means no (see :data:`_UNSUPPORTED`); anything else, out of memory first, is
+    raised and not cached, so a transient failure never leaves the process on the slow path for good."""
     try:
-        with torch.cuda.device(device_index), exact_matmul(torch.device("cuda", device_index)):
-            a = torch.ones(2, 2, device="cuda", dtype=dtype)
-            acc = torch.ones(2, 2, device="cuda", dtype=torch.float32)
-            if kind == "mm":
-                torch.mm(a, a, out_dtype=torch.float32, out=acc)
-                return bool((acc == 2.0).all())
-            # torch 2.8 insisted on a `self` in the operands' dtype; later versions take the float32 accumulator
-            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-            return bool((acc == 3.0).all())
-    except (RuntimeError, TypeError, NotImplementedError):
-        return False
+        return _probe(kind, dtype, device_index)
+    except (RuntimeError, TypeError, NotImplementedError) as err:
+        if _says_unsupported(err):
+            return False
+        raise
 
 
 def _native_f32_out(a: torch.Tensor, b: torch.Tensor, kind: str) -> bool:
