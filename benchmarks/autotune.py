@@ -1,9 +1,10 @@
-"""Autotune the Triton kernels' block sizes on this GPU at the Llama-3-8B head and cache the winner.
+"""Autotune the Triton kernels' launch configurations on this GPU at the Llama-3-8B head and cache the winners.
 
     ALPHADPO_TUNING_CACHE=out/tuning.json python benchmarks/autotune.py [--tokens 16384] [--dtype bf16]
 
-Prints every candidate's median forward+backward time (CUDA events) or why it was dropped; the cache is
-then used by fused_sequence_logps (and so by bench_loss.py) whenever no options are passed.
+Each kernel is timed on its own: the forward (split-vocabulary kernel + merge) and the backward's dz producer.
+Prints every candidate's median time (CUDA events) or why it was dropped; the cache is then used by
+fused_sequence_logps (and so by bench_loss.py) whenever no options are passed.
 """
 
 from __future__ import annotations
@@ -37,9 +38,12 @@ def main(argv=None):
     weight = (torch.randn(args.V, args.H, device="cuda", generator=g) * args.H ** -0.5).to(dtype)
     labels = torch.randint(0, args.V, (2, args.tokens // 2), device="cuda", generator=g)
     record = tuning.autotune(hidden, weight, labels, repeats=args.repeats)
-    for r in record["results"]:
-        print(("%8.2f ms  " % r["ms"]) if "ms" in r else "  dropped   ", r["options"], r.get("error", ""))
-    print(f"best for {record['key']}: {record['ms']:.2f} ms {json.dumps(record['options'])} -> {tuning.cache_path()}")
+    for kernel, rows in record["results"].items():
+        for r in rows:
+            print(f"{kernel:9s}", ("%8.2f ms  " % r["ms"]) if "ms" in r else "  dropped   ", r["options"],
+                  r.get("error", ""))
+    ms = ", ".join(f"{k} {v:.2f} ms" for k, v in record["ms"].items())
+    print(f"best for {record['key']}: {ms} {json.dumps(record['options'])} -> {tuning.cache_path()}")
     return record
 
 

@@ -10,13 +10,19 @@ strides as constants), then reads off the result:
 * ``regs`` / ``spill_bytes``: ``ptxas -v`` on the kernel's PTX, with the flags Triton itself passes;
 * ``smem_bytes``: Triton's dynamic shared memory, against the card's per-block limit;
 * ``tensor_cores``: ``HGMMA`` (wgmma, sm_90) or ``HMMA`` (mma, sm_80) in the SASS (``cuobjdump``);
-* ``atomics``: the PTX atomic / reduction instructions and their memory semantics.
+* ``atomics``: the PTX atomic / reduction instructions and their memory semantics;
+* ``programs`` / ``hbm_gb``: the launch grid at the Llama-3-8B head (N = 16k tokens) and the HBM bytes that grid
+  must stream there under a stated L2 model (:func:`traffic`): a block stays in L2 while the programs of one
+  group (``GROUP_M`` row blocks × the columns they sweep, about one wave) use it, and nothing survives from one
+  group to the next. It makes a grid's shape visible without a card: the forward reads each hidden block about
+  once and the whole head once per group of ``BLOCK_M·GROUP_M`` tokens.
 
-The shipped set: the three kernels (forward, the backward's dz producer, the opt-in tile-skipping backward) at
-every per-architecture starting point (tuning.ARCH_DEFAULTS, what runs when no block sizes are given), in
-bf16 / fp16 / fp32, with and without bias + soft-cap; ``--candidates`` adds the autotuner's candidates. A row
-fails on a compile error, shared memory over the card's limit, an ``acq_rel`` atomic, or (bf16 / fp16 at a
-starting point on its own architecture) any spill.
+The shipped set: the kernels (forward and its split merge, the backward's dz producer, the opt-in tile-skipping
+backward) at every per-architecture starting point (tuning.ARCH_DEFAULTS, what runs when no block sizes are
+given), in bf16 / fp16 / fp32 and bf16 hidden states with a float32 master head (``bf16+w32``), with and without
+bias + soft-cap; ``--candidates`` adds each kernel's autotuner candidates (bf16, plain and float32 master head).
+A row fails on a compile error, shared memory over the card's limit, an ``acq_rel`` atomic, or (bf16 / fp16,
+float32 master head included, at a starting point on its own architecture, and every candidate) any spill.
 """
 
 from __future__ import annotations
@@ -37,14 +43,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ARCHS = (80, 90)
 # Largest dynamic shared memory a block may opt into (CUDA programming guide, compute capability tables).
-SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # the same figures as tuning.SMEM_LIMIT
+# dtype name -> (hidden states' pointer type, weight's pointer type)
+DTYPES = {"bf16": ("bf16", "bf16"), "fp16": ("fp16", "fp16"), "fp32": ("fp32", "fp32"),
+          "bf16+w32": ("bf16", "fp32")}
+ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
+SMS = 132  # an H100 / H200: the forward's default split count is derived from it
 VARIANTS = {"plain": dict(HAS_BIAS=False, HAS_SOFTCAP=False), "bias+softcap": dict(HAS_BIAS=True, HAS_SOFTCAP=True)}
 # Sizes a launch at the Llama-3-8B head sees (16k tokens, H = 4096, V = 128256, 2048-column dz chunks).
 HEAD = dict(N=16384, M=16384, V=128256, VC=2048, V_OFFSET=2048, H=4096, stride_hn=4096, stride_hm=4096,
-            stride_wv=4096, stride_dzm=2048)
+            stride_wv=4096, stride_dzm=2048, TILES_PER_SPLIT=63, SPLITS=16)
 UNIT_STRIDES = ("stride_hk", "stride_wk")
-F32_POINTERS = ("lse_ptr", "logp_ptr", "g_ptr", "dh_ptr", "dw_ptr", "db_ptr", "dbp_ptr")
+F32_POINTERS = ("lse_ptr", "logp_ptr", "g_ptr", "dh_ptr", "dw_ptr", "db_ptr", "dbp_ptr", "part_ptr")
+WEIGHT_POINTERS = ("w_ptr",)
 
 
 @dataclass
@@ -61,6 +72,8 @@ class Row:
     smem_limit: int = 0
     tensor_cores: str = ""  # "HGMMA" | "HMMA" | "" (none)
     atomics: str = "none"  # "none" | "relaxed×N" | "acq_rel×N"
+    programs: int = 0  # launch grid at the Llama-3 head, N = 16k (the dz producer: per 2048-column chunk)
+    hbm_gb: float = 0.0  # HBM traffic of that use at the head under the L2 model of traffic()
     must_not_spill: bool = False
     seconds: float = 0.0
     error: str = ""
@@ -81,31 +94,90 @@ class Row:
 
 
 def kernels():
-    """name -> (kernel, LogpsOptions -> its launch constexprs and num_stages, as the launcher derives them, flags)."""
+    """name -> (kernel, LogpsOptions -> its launch constexprs, num_warps and num_stages as the launcher derives
+    them, fixed flags, the option prefix of the configuration it uses or None)."""
     from alphadpo_kernels.ops.sequence_logps import triton_forward, triton_grad_logits, triton_skip_backward
 
-    def fwd(o):
-        return dict(BLOCK_M=o.fwd_block_m, BLOCK_N=o.fwd_block_n, BLOCK_K=o.fwd_block_k, num_stages=o.num_stages)
+    from alphadpo_kernels.ops.sequence_logps.tuning import fit_stages
 
-    def bwd(o):
-        return dict(BLOCK_M=o.bwd_block_m, BLOCK_N=o.bwd_block_n, BLOCK_K=o.bwd_block_k, GROUP_M=o.group_m,
-                    num_stages=o.num_stages)
+    def fwd(o, dtype, arch):
+        e_h, e_w = (ITEMSIZE[t] for t in DTYPES[dtype])
+        return dict(BLOCK_M=o.fwd_block_m, BLOCK_N=o.fwd_block_n, BLOCK_K=o.fwd_block_k, GROUP_M=o.fwd_group_m,
+                    num_warps=o.fwd_num_warps, num_stages=fit_stages(o.fwd_num_stages, o.fwd_block_m, o.fwd_block_n,
+                                                                      o.fwd_block_k, e_h, e_w, arch // 10))
+
+    def merge(o, dtype, arch):
+        return dict(BLOCK=triton_forward.MERGE_BLOCK, num_warps=4, num_stages=1)
+
+    def bwd(o, dtype, arch):
+        return dict(BLOCK_M=o.bwd_block_m, BLOCK_N=o.bwd_block_n, BLOCK_K=o.bwd_block_k, GROUP_M=o.bwd_group_m,
+                    num_warps=o.bwd_num_warps, num_stages=o.bwd_num_stages)
+
+    def skip(o, dtype, arch):
+        e_h, e_w = (ITEMSIZE[t] for t in DTYPES[dtype])
+        return triton_skip_backward.skip_tiles(o, e_h, e_w, arch // 10)
 
     return {
-        "forward": (triton_forward._sequence_logps_fwd_kernel, fwd, {}),
-        "grad_logits": (triton_grad_logits._grad_logits_kernel, bwd, dict(NEED_DB=None)),
-        "skip_backward": (triton_skip_backward._skip_backward_kernel, triton_skip_backward.skip_tiles,
-                          dict(FILTER=True, COUNT_SKIPS=False, NEED_DH=True, NEED_DW=True, NEED_DB=None)),
+        "forward": (triton_forward._sequence_logps_fwd_kernel, fwd, {}, "fwd"),
+        "merge_splits": (triton_forward._merge_splits_kernel, merge, {}, None),
+        "grad_logits": (triton_grad_logits._grad_logits_kernel, bwd, dict(NEED_DB=None), "bwd"),
+        "skip_backward": (triton_skip_backward._skip_backward_kernel, skip,
+                          dict(FILTER=True, COUNT_SKIPS=False, NEED_DH=True, NEED_DW=True, NEED_DB=None), "bwd"),
     }
 
 
-def configs(with_candidates: bool) -> dict[str, tuple[dict, int | None]]:
-    """name -> (LogpsOptions fields, the architecture it is the starting point of, or None)."""
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def traffic(kernel_name: str, launch: dict, dtype: str, n: int = HEAD["N"], vocab: int = HEAD["V"],
+            hdim: int = HEAD["H"], chunk: int = HEAD["VC"], sms: int = SMS) -> tuple[int, float]:
+    """``(programs, HBM GB)`` of one use of the kernel at the head: the whole forward; the dz producer over one
+    vocabulary pass in ``chunk``-column launches (the programs column is per launch); the skip kernel over the
+    whole vocabulary. L2 model: a block stays in L2 while the programs of its group use it (``GROUP_M`` row
+    blocks × every column the group sweeps: one wave, or a few), and nothing survives between groups. Under it a
+    group streams each of its hidden blocks once and each weight tile it touches once. Atomic adds (skip) are
+    counted as a read and a write each, as if L2 held nothing: the upper bound the shape allows."""
+    from alphadpo_kernels.ops.sequence_logps.triton_forward import MIN_TILES_PER_SPLIT
+
+    e_h, e_w = ITEMSIZE[DTYPES[dtype][0]], ITEMSIZE[DTYPES[dtype][1]]
+    if kernel_name == "merge_splits":
+        return _cdiv(n, launch["BLOCK"]), (12 * HEAD["SPLITS"] * n + 8 * n + 8 * n) / 1e9
+    bm, bn, group = launch["BLOCK_M"], launch["BLOCK_N"], launch["GROUP_M"]
+    row_blocks = _cdiv(n, bm)
+    groups = _cdiv(row_blocks, group)
+    if kernel_name == "forward":  # the launcher's default split count (triton_forward.plan_splits)
+        tiles = _cdiv(vocab, bn)
+        splits = min(max(sms // max(1, min(group, row_blocks)), _cdiv(2 * sms, row_blocks)),
+                     max(1, tiles // MIN_TILES_PER_SPLIT))
+        splits = _cdiv(tiles, _cdiv(tiles, splits))
+        programs = row_blocks * splits
+        bytes_ = n * hdim * e_h + groups * vocab * hdim * e_w + 12 * splits * n + 8 * n
+        return programs, bytes_ / 1e9
+    if kernel_name == "grad_logits":
+        launches = _cdiv(vocab, chunk)
+        programs = row_blocks * _cdiv(chunk, bn)
+        bytes_ = launches * n * hdim * e_h + groups * vocab * hdim * e_w + n * vocab * e_h + 12 * n * launches
+        return programs, bytes_ / 1e9
+    # skip_backward: recompute reads like the dz producer with whole-vocabulary launches, plus the atomics
+    programs = row_blocks * _cdiv(vocab, bn)
+    atomics = 4 * 2 * programs * (bm + bn) * hdim
+    bytes_ = n * hdim * e_h + groups * vocab * hdim * e_w + atomics
+    return programs, bytes_ / 1e9
+
+
+def configs(with_candidates: bool) -> dict[str, tuple[dict, int | None, str | None]]:
+    """name -> (LogpsOptions fields, the architecture it is the starting point of or None, and for a candidate the
+    kernel prefix it configures: ``fwd`` or ``bwd``)."""
     from alphadpo_kernels.ops.sequence_logps import tuning
 
-    out = {f"start-sm{major}0": (fields, major * 10) for major, fields in tuning.ARCH_DEFAULTS.items()}
+    out = {f"start-sm{major}0": (fields, major * 10, None) for major, fields in tuning.ARCH_DEFAULTS.items()}
     if with_candidates:
-        out.update({f"candidate-{i}": (fields, None) for i, fields in enumerate(tuning.CANDIDATES)})
+        for major, per_kernel in tuning.CANDIDATES.items():
+            for kernel, prefix in (("forward", "fwd"), ("backward", "bwd")):
+                for i, fields in enumerate(per_kernel[kernel]):
+                    out[f"{prefix}-cand{i}-sm{major}0"] = (dict(tuning.ARCH_DEFAULTS[major], **fields), major * 10,
+                                                           prefix)
     return out
 
 
@@ -159,13 +231,16 @@ def compile_one(kernel_name: str, config: str, fields: dict, dtype: str, variant
     row = Row(kernel_name, config, dtype, variant, arch, smem_limit=SMEM_LIMIT[arch], must_not_spill=must_not_spill)
     start = time.time()
     try:
-        kernel, blocks, extra = kernels()[kernel_name]
+        kernel, blocks, extra, _ = kernels()[kernel_name]
         fn = kernel  # a JITFunction: workers import Triton with the interpreter off
         opts = dataclasses.replace(LogpsOptions(), **fields)
-        launch = blocks(opts)
-        num_stages = launch.pop("num_stages")
+        launch = blocks(opts, dtype, arch)
+        row.programs, row.hbm_gb = traffic(kernel_name, launch, dtype)
+        row.hbm_gb = round(row.hbm_gb, 2)
+        num_stages, num_warps = launch.pop("num_stages"), launch.pop("num_warps")
         constexprs = dict(launch, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST_DOT=False,
                           **VARIANTS[variant])
+        constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
         constexprs.update({k: (v if v is not None else VARIANTS[variant]["HAS_BIAS"]) for k, v in extra.items()})
         signature, attrs = {}, {}
         for i, name in enumerate(fn.arg_names):
@@ -174,7 +249,8 @@ def compile_one(kernel_name: str, config: str, fields: dict, dtype: str, variant
                 constexprs.setdefault(name, 1)
             elif name.endswith("_ptr"):
                 kind = ("i32" if name == "skip_count_ptr" else "i64" if name == "tgt_ptr"
-                        else "fp32" if name in F32_POINTERS else DTYPES[dtype])
+                        else "fp32" if name in F32_POINTERS else DTYPES[dtype][1] if name in WEIGHT_POINTERS
+                        else DTYPES[dtype][0])
                 signature[name] = "*" + kind
                 attrs[(i,)] = [["tt.divisibility", 16]]
             elif name in ("softcap", "logit_scale", "filter_eps"):
@@ -185,7 +261,7 @@ def compile_one(kernel_name: str, config: str, fields: dict, dtype: str, variant
                     attrs[(i,)] = [["tt.divisibility", 16]]
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": opts.num_warps, "num_stages": num_stages})
+                                  options={"num_warps": num_warps, "num_stages": num_stages})
         row.smem_bytes = int(compiled.metadata.shared)
         row.regs, row.spill_bytes = _ptxas_stats(compiled.asm["ptx"], arch)
         row.tensor_cores = _sass_tensor_cores(compiled.asm["cubin"])
@@ -200,16 +276,25 @@ def compile_one(kernel_name: str, config: str, fields: dict, dtype: str, variant
 def jobs(archs=ARCHS, with_candidates=False, dtypes=tuple(DTYPES), variants=tuple(VARIANTS)):
     """The (kernel, config, fields, dtype, variant, arch, must_not_spill) tuples to compile."""
     out = []
-    for config, (fields, home_arch) in configs(with_candidates).items():
+    table = kernels()
+    for config, (fields, home_arch, prefix) in configs(with_candidates).items():
         for arch in archs:
             if home_arch is not None and home_arch != arch:
                 continue  # a starting point is only ever used on its own architecture
-            for kernel_name in kernels():
+            for kernel_name, (_, _, _, kernel_prefix) in table.items():
+                if prefix is not None and kernel_prefix != prefix:
+                    continue  # a candidate configures one kernel: the others are compiled at their starts
+                if kernel_name == "merge_splits":  # no tiles, no dtype: once per architecture
+                    if prefix is None:
+                        out.append((kernel_name, config, fields, "fp32", "plain", arch, True))
+                    continue
                 for dtype in dtypes:
+                    if kernel_name == "grad_logits" and dtype == "bf16+w32":
+                        continue  # the backward driver hands the dz kernel weight chunks already rounded
                     for variant in variants:
-                        if config.startswith("candidate") and (dtype != "bf16" or variant != "plain"):
+                        if prefix is not None and (dtype not in ("bf16", "bf16+w32") or variant != "plain"):
                             continue
-                        must_not_spill = home_arch == arch and dtype in ("bf16", "fp16")
+                        must_not_spill = dtype != "fp32"
                         out.append((kernel_name, config, fields, dtype, variant, arch, must_not_spill))
     return out
 
@@ -234,13 +319,36 @@ def print_table(rows: list[Row]) -> None:
 
     table = Table(title="Triton kernels compiled ahead of time (no GPU)")
     for col in ("kernel", "config", "dtype", "variant", "arch", "ok", "regs", "spill B", "smem KB", "tensor cores",
-                "atomics", "s", "failures"):
+                "atomics", "programs", "HBM GB", "s", "failures"):
         table.add_column(col)
     for r in rows:
         table.add_row(r.kernel, r.config, r.dtype, r.variant, f"sm_{r.arch}", "yes" if r.ok else "NO", str(r.regs),
                       str(r.spill_bytes), f"{(r.smem_bytes or 0) / 1024:.0f}", r.tensor_cores or "-", r.atomics,
-                      f"{r.seconds:.1f}", "; ".join(r.failures))
+                      str(r.programs), f"{r.hbm_gb:.1f}", f"{r.seconds:.1f}", "; ".join(r.failures))
     Console(width=220).print(table)
+
+
+def markdown(rows: list[dict]) -> str:
+    """The per-architecture starting points (every kernel, dtype and variant) as a markdown table, and a line
+    per candidate set, from the rows ``--json`` writes."""
+    head = ("| kernel | config | dtype | variant | arch | regs | spill B | smem KB | tensor cores | atomics | programs "
+            "(N = 16k) | HBM GB (L2 model) |\n| --- | --- | --- | --- | --- | ---: | ---: | ---: | --- | --- | ---: | ---: |")
+    lines = [head]
+    for r in rows:
+        if r["config"].startswith("start"):
+            lines.append(f"| {r['kernel']} | {r['config']} | {r['dtype']} | {r['variant']} | sm_{r['arch']} | {r['regs']} "
+                         f"| {r['spill_bytes']} | {(r['smem_bytes'] or 0) / 1024:.0f} | {r['tensor_cores'] or '—'} "
+                         f"| {r['atomics']} | {r['programs']} | {r['hbm_gb']:.1f} |")
+    cands = [r for r in rows if not r["config"].startswith("start")]
+    if cands:
+        worst = max(cands, key=lambda r: r["smem_bytes"] or 0)
+        lines.append("")
+        lines.append(f"Autotuner candidates: {len({r['config'] for r in cands})} configurations, {len(cands)} compiles "
+                     f"(bf16 and a float32 master head, each on its own architecture): "
+                     f"{sum(1 for r in cands if r['failures'])} failing, {sum(1 for r in cands if r['spill_bytes'])} "
+                     f"spilling; largest shared memory {(worst['smem_bytes'] or 0) / 1024:.0f} KB "
+                     f"({worst['kernel']} {worst['config']} {worst['dtype']}).")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -249,7 +357,12 @@ def main(argv=None) -> int:
     p.add_argument("--candidates", action="store_true", help="also the autotuner's candidate configurations")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--workers", type=int)
+    p.add_argument("--markdown", metavar="JSON", help="print the results table of a --json file as markdown, and exit")
     args = p.parse_args(argv)
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(markdown(json.load(f)))
+        return 0
     started = time.time()
     rows = run(jobs(tuple(args.archs), args.candidates), args.workers)
     print_table(rows)

@@ -166,17 +166,18 @@ def _budget_mb(n_tok, chunks=CHUNKS_S):
 BLOCKS = dict(fwd_block_m=64, fwd_block_n=128, fwd_block_k=64, bwd_block_m=64, bwd_block_n=128, bwd_block_k=64)
 
 
-def _peak_backward(n_tok, vocab, dtype, opts, *, dead=0, seed=0, backend="triton"):
-    """Peak live bytes inside ``backward()`` of the log-prob op, and the bf16/fp32 gradient floor dH + dW."""
+def _peak_backward(n_tok, vocab, dtype, opts, *, dead=0, seed=0, backend="triton", weight_dtype=None):
+    """Peak live bytes inside ``backward()`` of the log-prob op (autograd's own casts and the accumulation into
+    ``.grad`` included), and the gradient floor dH + dW, each in its parameter's dtype."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(1, n_tok, H_S, generator=g).to(dtype).requires_grad_()
-    weight = (torch.randn(vocab, H_S, generator=g) * H_S**-0.5).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, H_S, generator=g) * H_S**-0.5).to(weight_dtype or dtype).requires_grad_()
     labels = torch.randint(0, vocab, (1, n_tok), generator=g)
     labels[0, :dead] = -100  # a masked prompt
     out = fused_sequence_logps(hidden, weight, labels, backend=backend, options=opts)
     with LiveBytes() as mode:
         out.sum().backward()
-    floor = (hidden.numel() + weight.numel()) * dtype.itemsize
+    floor = hidden.numel() * hidden.element_size() + weight.numel() * weight.element_size()
     return mode.peak, floor, n_tok - dead
 
 
@@ -193,6 +194,38 @@ def test_fast_mode_peak_is_within_the_spec_bound(dtype, case):
     peak, floor, n_live = _peak_backward(case["n_tok"], case["vocab"], dtype, opts, dead=case["dead"])
     bound = floor + 4 * min(n_live, case["vocab"]) * H_S + opts.budget_bytes()
     assert floor < peak <= bound, (peak, bound, peak / floor)
+
+
+@pytest.mark.usefixtures("gpu_allocations_only")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("memory", ["fast", "lean"])
+def test_float32_master_head_stays_within_the_bound_of_its_own_floor(memory, backend):
+    """A float32 head under bf16 hidden states (the trainer's default): the floor is bf16 dH + float32 dW, dW is
+    written straight into float32 and no bf16 copy of the head or of dW exists at any time, autograd included."""
+    n_tok, dead = 512, 77  # 16k tokens at the Llama-3 head's proportions, a masked prompt
+    floor = 2 * H_S * n_tok + 4 * H_S * V_LLAMA
+    chunks = CHUNKS_S if memory == "fast" else min(CHUNKS_S, floor // 16)
+    opts = LogpsOptions(memory=memory, memory_budget_mb=_budget_mb(n_tok, chunks), **BLOCKS)
+    peak, floor, n_live = _peak_backward(n_tok, V_LLAMA, torch.bfloat16, opts, dead=dead, backend=backend,
+                                         weight_dtype=torch.float32)
+    extra = 4 * min(n_live, V_LLAMA) * H_S if memory == "fast" else 0
+    assert floor < peak <= floor + extra + opts.budget_bytes(), (peak, floor, peak / floor)
+    if memory == "lean":
+        assert peak <= 1.10 * floor + PER_TOKEN * n_tok
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_float32_master_head_saves_no_copy_of_the_head(backend):
+    hidden, weight, labels, _ = make_inputs(rows=2, seq=9, hdim=16, vocab=40, seed=5)
+    hidden = hidden.to(torch.bfloat16).requires_grad_()
+    weight.requires_grad_()
+    out = fused_sequence_logps(hidden, weight, labels, backend=backend)
+    saved = out.grad_fn.saved_tensors
+    heads = [t for t in saved if t is not None and t.shape == weight.shape]
+    assert len(heads) == 1 and heads[0].dtype == torch.float32
+    assert heads[0].untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()  # the parameter itself
+    out.sum().backward()
+    assert weight.grad.dtype == torch.float32
 
 
 @pytest.mark.usefixtures("gpu_allocations_only")

@@ -55,12 +55,18 @@ class GradLogitsProducer(Protocol):
         own weight)."""
 
 
-def operand_chunk(weight: torch.Tensor, vs: int, ve: int, dtype: torch.dtype) -> torch.Tensor:
+def operand_chunk(weight: torch.Tensor, vs: int, ve: int, dtype: torch.dtype,
+                  buf: torch.Tensor | None = None) -> torch.Tensor:
     """Weight rows ``[vs, ve)`` as a GEMM operand of ``dtype``: a view when the dtypes agree; for float32 master
-    weights under bf16 / fp16 hidden states a rounded copy of the chunk only, as autocast rounds the whole head
-    for the plain LM head (so no weight-sized copy exists at any time)."""
+    weights under bf16 / fp16 hidden states the chunk rounded (to nearest even, as ``.to`` and autocast round the
+    whole head for the plain LM head) into ``buf`` (a flat buffer of ``dtype`` reused chunk after chunk, so no
+    two rounded chunks are ever alive together) or a new tensor. No weight-sized copy exists at any time."""
     w_c = weight[vs:ve]
-    return w_c if w_c.dtype == dtype else w_c.to(dtype)
+    if w_c.dtype == dtype:
+        return w_c
+    if buf is None:
+        return w_c.to(dtype)
+    return buf[: w_c.numel()].view(w_c.shape).copy_(w_c)
 
 
 @dataclass(frozen=True)
@@ -210,6 +216,13 @@ def _buffers(producer, elements: int, device) -> tuple[torch.Tensor, torch.Tenso
     return dz, scratch
 
 
+def cast_buffer(weight: torch.Tensor, hc: torch.Tensor, cols: int) -> torch.Tensor | None:
+    """The pass's buffer for rounded weight chunks of a float32 master head (None when no rounding is needed)."""
+    if weight.dtype == hc.dtype:
+        return None
+    return torch.empty(min(cols, weight.shape[0]) * weight.shape[1], dtype=hc.dtype, device=hc.device)
+
+
 def _chunk(bufs, rows: int, cols: int):
     dz_buf, scratch = bufs
     return dz_buf[: rows * cols].view(rows, cols), scratch[: rows * cols] if scratch is not None else None
@@ -218,10 +231,11 @@ def _chunk(bufs, rows: int, cols: int):
 def _vocab_pass(plan, hc, weight, tgt, lse, g, producer, *, dw, acc_h, db):
     n = plan.n_live
     bufs = _buffers(producer, plan.dz_elements("vocab"), hc.device)
+    w_buf = cast_buffer(weight, hc, plan.vocab_chunk)
     for vs in range(0, plan.vocab, plan.vocab_chunk):
         ve = min(vs + plan.vocab_chunk, plan.vocab)
         dz, scratch = _chunk(bufs, n, ve - vs)
-        w_c = operand_chunk(weight, vs, ve, hc.dtype)
+        w_c = operand_chunk(weight, vs, ve, hc.dtype, w_buf)
         producer(hc, tgt, lse, g, vs, ve, dz, db[vs:ve] if db is not None else None, scratch, w_c)
         if dw is not None:
             mm_into(dw[vs:ve], dz.T, hc)  # one GEMM over all live tokens, written once in the weight's dtype
@@ -232,6 +246,7 @@ def _vocab_pass(plan, hc, weight, tgt, lse, g, producer, *, dw, acc_h, db):
 def _token_pass(plan, hc, weight, tgt, lse, g, producer, *, dh, live_idx, acc_w, db, rows_block):
     n, hdim, tc = plan.n_live, plan.hdim, plan.token_chunk
     bufs = _buffers(producer, plan.dz_elements("token"), hc.device)
+    w_buf = cast_buffer(weight, hc, plan.token_vocab_chunk)
     direct = dh is not None and live_idx is None and dh.dtype == torch.float32
     acc_buf = (torch.empty(min(tc, n) * hdim, dtype=torch.float32, device=hc.device)
                if dh is not None and not direct else None)
@@ -245,7 +260,7 @@ def _token_pass(plan, hc, weight, tgt, lse, g, producer, *, dh, live_idx, acc_w,
         for vs in range(0, plan.vocab, plan.token_vocab_chunk):
             ve = min(vs + plan.token_vocab_chunk, plan.vocab)
             dz, scratch = _chunk(bufs, rows, ve - vs)
-            w_c = operand_chunk(weight, vs, ve, hct.dtype)
+            w_c = operand_chunk(weight, vs, ve, hct.dtype, w_buf)
             producer(hct, tgt[ts:te], lse[ts:te], g[ts:te], vs, ve, dz, db[vs:ve] if db is not None else None,
                      scratch, w_c)
             if acc is not None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ... import _extension
-from .chunked_backward import chunked_backward, operand_chunk
+from .chunked_backward import cast_buffer, chunked_backward, operand_chunk
 from .gemm import exact_matmul, mm_into
 from .options import LogpsOptions
 
@@ -126,10 +126,11 @@ def forward(hidden2d, weight, bias, targets, opts: LogpsOptions, *, epilogue=Non
     # The live rows, gathered once (a view when every token is live): gathering per (vocabulary chunk, token
     # chunk) would copy them again for every vocabulary chunk, about 27 GB at N = 64k on a Llama-3 head.
     hidden_live = hidden2d if n_live == n_tok else hidden2d.index_select(0, live_idx)
+    w_buf = cast_buffer(weight, hidden2d, vc)  # float32 master weights: rounded chunk by chunk into it
     with exact_matmul(hidden2d.device):
         for vs in range(0, vocab, vc):
             ve = min(vs + vc, vocab)
-            wc = operand_chunk(weight, vs, ve, hidden2d.dtype)  # float32 master weights: rounded chunk by chunk
+            wc = operand_chunk(weight, vs, ve, hidden2d.dtype, w_buf)
             bc = bias[vs:ve] if bias is not None else None
             for ts in range(0, n_live, tc):
                 te = min(ts + tc, n_live)

@@ -31,7 +31,7 @@ import triton.language as tl
 from .instrument import record_gemm
 from .options import LogpsOptions
 from .triton_common import check_triton_device, dot_flags, grouped_tile, launch_device, logit_tile, sm_count
-from .tuning import resolve_blocks
+from .tuning import arch_major, fit_stages, resolve_blocks
 
 MIN_TILES_PER_SPLIT = 4  # below this a split's partials (12 bytes a token) cost more than they save
 MERGE_BLOCK = 1024
@@ -117,6 +117,12 @@ def plan_splits(n_tok: int, vocab: int, opts: LogpsOptions, device: torch.device
     return triton.cdiv(tiles, per_split), per_split
 
 
+def stages(opts: LogpsOptions, hidden2d: torch.Tensor, weight: torch.Tensor) -> int:
+    """The forward's pipeline depth: ``fwd_num_stages``, fewer for a float32 master head if shared memory needs."""
+    return fit_stages(opts.fwd_num_stages, opts.fwd_block_m, opts.fwd_block_n, opts.fwd_block_k,
+                      hidden2d.element_size(), weight.element_size(), arch_major(hidden2d.device))
+
+
 def forward(hidden2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
             opts: LogpsOptions, *, lse: torch.Tensor | None = None, token_logps: torch.Tensor | None = None,
             ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +152,7 @@ def forward(hidden2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
             weight.stride(1), float(opts.softcap or 1.0), float(opts.logit_scale),
             HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None,
             BLOCK_M=opts.fwd_block_m, BLOCK_N=opts.fwd_block_n, BLOCK_K=opts.fwd_block_k, GROUP_M=opts.fwd_group_m,
-            **dot_flags(hidden2d.dtype, dev), num_warps=opts.fwd_num_warps, num_stages=opts.fwd_num_stages,
+            **dot_flags(hidden2d.dtype, dev), num_warps=opts.fwd_num_warps, num_stages=stages(opts, hidden2d, weight),
         )
         _merge_splits_kernel[(triton.cdiv(n_tok, MERGE_BLOCK),)](part, targets, lse, token_logps, n_tok, splits,
                                                                   BLOCK=MERGE_BLOCK, num_warps=4)

@@ -34,7 +34,7 @@ import triton.language as tl
 from .instrument import record_gemm
 from .options import LogpsOptions
 from .triton_common import as_operand, check_triton_device, dot, dot_flags, grad_logit_tile, grouped_tile, launch_device, logit_tile
-from .tuning import resolve_blocks
+from .tuning import arch_major, fit_stages, resolve_blocks
 
 
 @triton.jit
@@ -95,12 +95,14 @@ def _skip_backward_kernel(
                           mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")
 
 
-def skip_tiles(opts: LogpsOptions) -> dict:
+def skip_tiles(opts: LogpsOptions, h_itemsize: int = 2, w_itemsize: int = 2, major: int = 8) -> dict:
     """This kernel keeps a dz tile live across both gradient products, so its tiles are capped below the dz
-    kernel's: at most 64 tokens × 128 vocabulary entries and three stages (checked by compile_check.py: tensor
-    cores without spills in bf16 / fp16, shared memory within sm_80's limit in every dtype)."""
-    return dict(BLOCK_M=min(opts.bwd_block_m, 64), BLOCK_N=min(opts.bwd_block_n, 128), BLOCK_K=opts.bwd_block_k,
-                GROUP_M=opts.bwd_group_m, num_stages=min(opts.bwd_num_stages, 3))
+    kernel's: at most 64 tokens × 128 vocabulary entries × 64 of H, 8 warps and three stages, fewer stages with a
+    float32 master head where shared memory needs (checked by compile_check.py: tensor cores without spills in
+    bf16 / fp16, shared memory within the card's limit in every dtype)."""
+    bm, bn, bk = min(opts.bwd_block_m, 64), min(opts.bwd_block_n, 128), min(opts.bwd_block_k, 64)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=opts.bwd_group_m, num_warps=min(opts.bwd_num_warps, 8),
+                num_stages=fit_stages(min(opts.bwd_num_stages, 3), bm, bn, bk, h_itemsize, w_itemsize, major))
 
 
 def skip_backward(hidden2d, weight, bias, targets, lse, g, opts: LogpsOptions, need_dh, need_dw, need_db, *,
@@ -111,7 +113,7 @@ def skip_backward(hidden2d, weight, bias, targets, lse, g, opts: LogpsOptions, n
     n_tok, hdim = hidden2d.shape
     vocab = weight.shape[0]
     opts = resolve_blocks(opts, hidden2d.device, hidden2d.dtype, hdim, vocab)
-    tiles = skip_tiles(opts)
+    tiles = skip_tiles(opts, hidden2d.element_size(), weight.element_size(), arch_major(hidden2d.device))
     dev = hidden2d.device
     g = g.float().contiguous()
     dh = torch.zeros(n_tok, hdim, dtype=torch.float32, device=dev) if need_dh else None
@@ -142,7 +144,7 @@ def skip_backward(hidden2d, weight, bias, targets, lse, g, opts: LogpsOptions, n
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None,
                 FILTER=eps is not None, COUNT_SKIPS=skip_count is not None,
                 NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
-                **tiles, **flags, num_warps=opts.bwd_num_warps,
+                **tiles, **flags,
             )
         if need_dw:
             dw[vs:ve].copy_(acc)

@@ -40,13 +40,40 @@ def _cfg(prefix: str, m: int, n: int, k: int, warps: int, stages: int, group: in
             f"{prefix}_num_stages": stages, f"{prefix}_group_m": group}
 
 
-# The autotuner's candidates, per kernel: the configurations that compile without spills on sm_90 in bf16
-# (benchmarks/compile_check.py --candidates holds every one of them to that), each timed on its own kernel.
+# The autotuner's candidates, per architecture and kernel: the configurations that compile without spills and
+# within shared memory there (benchmarks/compile_check.py --candidates holds every one of them to that, in bf16
+# and with a float32 master head), each timed on its own kernel. 128×256 tiles with 16 warps spill on sm_80.
 _SHAPES = ((128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 256, 64, 8, 3),
            (64, 128, 64, 8, 3), (128, 128, 32, 8, 4))
-FWD_CANDIDATES: tuple[dict, ...] = tuple(_cfg("fwd", *c) for c in _SHAPES)
-BWD_CANDIDATES: tuple[dict, ...] = tuple(_cfg("bwd", *c) for c in _SHAPES + ((128, 256, 64, 16, 3),))
-CANDIDATES = {"forward": FWD_CANDIDATES, "backward": BWD_CANDIDATES}
+_WIDE = ((128, 256, 64, 16, 3),)
+CANDIDATES: dict[int, dict[str, tuple[dict, ...]]] = {
+    9: {"forward": tuple(_cfg("fwd", *c) for c in _SHAPES), "backward": tuple(_cfg("bwd", *c) for c in _SHAPES + _WIDE)},
+    8: {"forward": tuple(_cfg("fwd", *c) for c in _SHAPES), "backward": tuple(_cfg("bwd", *c) for c in _SHAPES)},
+}
+# Largest dynamic shared memory a block may opt into, by compute-capability major (CUDA programming guide).
+SMEM_LIMIT = {8: 163 * 1024, 9: 227 * 1024}
+
+
+def arch_major(device: torch.device) -> int:
+    """Compute-capability major of ``device``; the interpreter and unknown cards count as sm_80."""
+    major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else FALLBACK_MAJOR
+    return major if major in ARCH_DEFAULTS else FALLBACK_MAJOR
+
+
+def candidates_for(device: torch.device) -> dict[str, tuple[dict, ...]]:
+    return CANDIDATES[arch_major(device)]
+
+
+def fit_stages(stages: int, block_m: int, block_n: int, block_k: int, h_itemsize: int, w_itemsize: int,
+               major: int) -> int:
+    """Pipeline stages for a tile whose weight operand is wider than the hidden states' (a float32 master head is
+    loaded as float32 and rounded in registers): as many of ``stages`` as keep ``stages × (h tile + w tile)``
+    within the card's shared memory, at least 2. Equal widths keep ``stages`` (the configurations were
+    compile-checked as they are)."""
+    if w_itemsize <= h_itemsize:
+        return stages
+    per_stage = block_k * (block_m * h_itemsize + block_n * w_itemsize)
+    return max(2, min(stages, SMEM_LIMIT.get(major, SMEM_LIMIT[FALLBACK_MAJOR]) // per_stage))
 
 
 def cache_path() -> str:
@@ -83,11 +110,11 @@ def _read(path: str) -> dict:
 
 def default_blocks(device: torch.device, dtype: torch.dtype, hdim: int, vocab: int, path: str | None = None) -> dict:
     """A cached autotune result for this card and shape if there is one, else the architecture's start."""
+    start = dict(ARCH_DEFAULTS[arch_major(device)])
     entry = _read(path or cache_path()).get(cache_key(device, dtype, hdim, vocab))
-    if entry:
-        return dict(entry["options"])
-    major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else FALLBACK_MAJOR
-    return dict(ARCH_DEFAULTS.get(major, ARCH_DEFAULTS[FALLBACK_MAJOR]))
+    if entry:  # fields the entry lacks (an older cache) keep the start; unknown ones are ignored
+        start.update({k: v for k, v in entry["options"].items() if k in BLOCK_FIELDS})
+    return start
 
 
 def default_options(device: torch.device, dtype: torch.dtype, hdim: int, vocab: int,
@@ -142,7 +169,7 @@ def autotune(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *
     from .triton_grad_logits import TritonGradLogits
 
     timer = timer or cuda_time_ms
-    candidates = candidates or CANDIDATES
+    candidates = candidates or candidates_for(hidden.device)
     h2 = hidden.detach().reshape(-1, hidden.shape[-1])
     w = weight.detach()
     targets = labels.reshape(-1).long().clamp(min=-1)
@@ -192,7 +219,7 @@ def autotune(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *
                 results[kernel].append(dict(options=cand, ms=_timed(run, timer, repeats, warmup)))
             except Exception as exc:  # noqa: BLE001 - a candidate that cannot run is simply dropped
                 results[kernel].append(dict(options=cand, error=f"{type(exc).__name__}: {str(exc)[:160]}"))
-    best: dict = {}
+    best = {k: getattr(base, k) for k in BLOCK_FIELDS}  # the full configuration, winners over the start
     ms: dict = {}
     for kernel, rows in results.items():
         timed = [r for r in rows if "ms" in r]
