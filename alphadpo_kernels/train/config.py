@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +41,8 @@ class TrainConfig:
     train_file: str | None = _f(None, "JSONL / JSON / datasets folder with prompt, chosen, rejected, or a hub data "
                                       "set org/name[:split] (split train by default)")
     eval_file: str | None = _f(None, "evaluation data, as train_file (split test by default for a hub data set)")
-    eval_fraction: float = _f(0.0, "hold out this share of train_file for evaluation when eval_file is not given")
+    eval_fraction: float = _f(0.0, "hold out this share (in [0, 1)) of train_file for evaluation; not together with "
+                                   "eval_file, nor with --demo (which evaluates on its own held-out set)")
     output_dir: str = _f("alphadpo-output", "metrics, checkpoints, caches and the final model go here")
     overwrite: bool = _f(False, "start afresh in an output_dir that holds a previous run (its metrics and "
                                 "checkpoints are removed); without it such a folder is refused unless resuming")
@@ -49,7 +53,7 @@ class TrainConfig:
     alpha: float = _f(0.2, "α, the weight of the adaptive margin (α-DPO; 0 is SimPO)")
     ema_momentum: float = _f(0.9, "momentum of α-DPO's running margin statistics")
     label_smoothing: float = _f(0.0, "label smoothing of the sigmoid losses")
-    average_log_prob: bool = _f(True, "length-normalised log-probs (ln: true in every released config)")
+    average_log_prob: bool = _f(True, "length-normalised log-probs (true in every released config)")
     reference_mode: str = _f("precompute", "reference log-probs computed once over the training batches and cached, "
                                            "or each step", ("precompute", "online"))
     # tokenization (released: keep the end of the prompt, then cut the response)
@@ -72,24 +76,31 @@ class TrainConfig:
                                     "recipe), or bf16 (needs optimizer adamw_kahan)", ("fp32", "bf16"))
     optimizer: str = _f("adamw", "torch's AdamW, or optimi's Kahan-compensated AdamW (for bf16 weights)",
                         ("adamw", "adamw_kahan"))
-    gradient_checkpointing: bool = _f(True, "recompute activations in the backward (released: true)")
+    gradient_checkpointing: bool = _f(True, "recompute activations in the backward (on in the released runs)")
     backend: str = _f("auto", "fused-loss backend", ("auto", "triton", "torch", "cublas"))
     padding_free: bool = _f(False, "pack each micro-batch's sequences into one row (position_ids restart; no padding)")
     memory: str = _f("fast", "the fused loss's backward: fast (4 GEMM units) or lean (5 units, <= 1.1 x its "
                              "gradients)", ("fast", "lean"))
     # bookkeeping
-    logging_steps: int = _f(5, "log the means of the last this-many steps (released: 5)")
-    eval_steps: int = _f(400, "evaluate every this-many steps (released: 400)")
-    save_steps: int = _f(500, "write a checkpoint every this-many steps (released: 1000000, i.e. never over their "
-                              "~470 steps; 500 never checkpoints those either)")
+    logging_steps: int = _f(5, "log the means over every this-many optimizer steps (as the released runs)")
+    eval_steps: int = _f(400, "evaluate every this-many optimizer steps (as the released runs)")
+    save_steps: int = _f(500, "write a full checkpoint (model, optimizer, scheduler, RNG, data position) every "
+                              "this-many optimizer steps; the final model is always written to OUTPUT_DIR/final")
     save_final_state: bool = _f(False, "also write a full checkpoint (optimizer, scheduler, RNG) at the end")
     save_total_limit: int = _f(2, "checkpoints kept")
-    seed: int = _f(42, "seed of the data order and initialisation")
-    resume: str | None = _f(None, "a checkpoint folder, or 'latest' in output_dir")
-    demo: bool = _f(False, "train the embedded demo: a tiny Llama on a synthetic task, CPU, no downloads")
+    seed: int = _f(42, "seed of the data order and initialisation, in [0, 2**32)")
+    resume: str | None = _f(None, "a checkpoint folder, or 'latest' (the newest checkpoint-* in output_dir)")
+    demo: bool = _f(False, "train the embedded demo: a tiny Llama on a synthetic task, CPU, no downloads; it sets its "
+                           "own data, sizes, steps and output_dir (alphadpo-demo), which flags still override")
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": None, "choices": None})
 
     def validate(self) -> "TrainConfig":
+        """Every value checked before any work (no folder written, no model built): a :class:`ConfigError` naming
+        the field otherwise. Checks what can be known here: types, ranges, combinations, files and folders, and
+        whether the chosen backend / optimizer can run on this machine."""
+        for f in dataclasses.fields(self):
+            if f.name != "extra":
+                setattr(self, f.name, _typed(f, getattr(self, f.name)))
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -103,20 +114,115 @@ class TrainConfig:
                 "losses as usual. Use --optimizer adamw_kahan (optimi's AdamW, which carries the rounding error "
                 "forward in a Kahan compensation buffer) or keep --weights-dtype fp32 (float32 master weights, "
                 "bf16 compute via --mixed-precision bf16, as the released runs did)")
+        self._check_ranges()
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
                               f"({self.max_length})")
         if not self.demo and (self.model_name_or_path is None or self.train_file is None):
             raise ConfigError("model_name_or_path and train_file are required (or pass --demo)")
+        if self.eval_fraction > 0 and self.eval_file:
+            if self.demo:
+                raise ConfigError("eval_fraction does not apply to --demo: the demo evaluates on a held-out set, "
+                                  "its own or the --eval-file given")
+            raise ConfigError(f"eval_fraction ({self.eval_fraction}) and eval_file ({self.eval_file!r}) both choose "
+                              "the evaluation data: give one of them")
         for name in ("train_file", "eval_file"):
             path = getattr(self, name)
             if path and not os.path.exists(path) and not _looks_like_hub_name(path):
                 raise ConfigError(f"{name} {path!r} does not exist (and is not a hub data set org/name[:split])")
+        if self.resume and self.resume != "latest" and not os.path.isdir(self.resume):
+            raise ConfigError(f"resume {self.resume!r}: no such checkpoint folder (or pass 'latest')")
+        self._check_loss()
+        self._check_machine()
+        return self
+
+    def _check_ranges(self) -> None:
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "logging_steps", "eval_steps", "save_steps", "save_total_limit", "max_length"):
+                     "logging_steps", "eval_steps", "save_steps", "save_total_limit", "max_length",
+                     "max_prompt_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        return self
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
+        ranges = {  # name: (low, low inclusive, high, high inclusive)
+            "learning_rate": (0.0, True, math.inf, False), "weight_decay": (0.0, True, math.inf, False),
+            "adam_beta1": (0.0, True, 1.0, False), "adam_beta2": (0.0, True, 1.0, False),
+            "warmup_ratio": (0.0, True, 1.0, True), "num_train_epochs": (0.0, False, math.inf, False),
+            "max_grad_norm": (0.0, True, math.inf, False), "eval_fraction": (0.0, True, 1.0, False),
+        }
+        for name, (lo, lo_in, hi, hi_in) in ranges.items():
+            v = getattr(self, name)
+            if not ((v >= lo if lo_in else v > lo) and (v <= hi if hi_in else v < hi)):
+                where = f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+                raise ConfigError(f"{name} must be in {where}, got {v}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
+
+    def _check_loss(self) -> None:
+        from .._validation import check_loss_hparams
+        from ..ops.sequence_logps import LogpsOptions
+
+        try:
+            check_loss_hparams(beta=self.beta, gamma_beta_ratio=self.gamma_beta_ratio, alpha=self.alpha,
+                               ema_momentum=self.ema_momentum, label_smoothing=self.label_smoothing, std_eps=1e-8,
+                               softcap=None)
+            LogpsOptions(memory=self.memory)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(str(exc).splitlines()[0]) from exc
+        if self.loss_type == "ipo" and self.label_smoothing > 0:
+            raise ConfigError("label_smoothing applies to the -log sigmoid losses (alpha_dpo, simpo, sigmoid), "
+                              "not to ipo")
+
+    def _check_machine(self) -> None:
+        """What this machine must have for the chosen backend and optimizer (a multi-process launch checks it in
+        every process)."""
+        if self.backend in ("triton", "cublas"):
+            from .. import backends
+
+            have = backends()
+            if self.backend == "triton" and not (have["triton"] or have["triton_interpreter"]):
+                import torch
+
+                why = "no CUDA device is available here" if not torch.cuda.is_available() else \
+                    "the triton package is not installed"
+                raise ConfigError(f"backend 'triton' cannot run: {why}; use --backend auto or torch (or set "
+                                  "TRITON_INTERPRET=1 to run the Triton kernels in the interpreter, slowly)")
+            if self.backend == "cublas" and not have["cublas"]:
+                why = ("the CUDA extension alphadpo_kernels._C_cuda was not built" if not have["cuda_epilogue"]
+                       else "no CUDA device is available here")
+                raise ConfigError(f"backend 'cublas' cannot run: {why}; use --backend auto or torch")
+        if self.optimizer == "adamw_kahan" and importlib.util.find_spec("optimi") is None:
+            raise ConfigError("optimizer 'adamw_kahan' needs torch-optimi (pip install torch-optimi, or the "
+                              "package's [train] extra)")
+
+
+_KIND = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+
+
+def _kind(f: dataclasses.Field) -> str:
+    t = str(f.type)
+    return next(k for k in ("bool", "int", "float", "str") if k in t)
+
+
+def _typed(f: dataclasses.Field, value):
+    """A YAML value (or a keyword argument) checked against the field's type; ints are accepted for floats."""
+    kind = _kind(f)
+    if value is None and "None" in str(f.type):
+        return value
+    if kind == "float" and isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    ok = {"bool": isinstance(value, bool),
+          "int": isinstance(value, int) and not isinstance(value, bool),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "str": isinstance(value, str)}[kind]
+    if not ok:
+        raise ConfigError(f"{f.name} must be {_KIND[kind]}, got {value!r}")
+    return float(value) if kind == "float" else value
 
 
 def _looks_like_hub_name(path: str) -> bool:
@@ -125,26 +231,35 @@ def _looks_like_hub_name(path: str) -> bool:
 
 
 def _bool(text: str) -> bool:
+    """``true`` or ``false`` (any case), exactly what ``--help`` shows: no ``yes`` / ``1`` / ``on`` aliases."""
     value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
+    if value == "true":
         return True
-    if value in ("0", "false", "no", "off"):
+    if value == "false":
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _flag_type(f: dataclasses.Field):
-    t = str(f.type)
-    if "bool" in t:
-        return _bool
-    if "int" in t:
-        return int
-    if "float" in t:
-        return float
-    return str
+    return {"bool": _bool, "int": int, "float": float, "str": str}[_kind(f)]
+
+
+def _help(f: dataclasses.Field) -> str:
+    """The field's help with its default appended once: not when the text already says what the default is, and
+    not for an unset (None) default, which the text describes."""
+    text = f.metadata["help"]
+    if "(default:" in text or f.default is None:
+        return text
+    default = str(f.default).lower() if isinstance(f.default, bool) else f.default
+    return f"{text} (default: {default})"
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse takes "-1e-6" (and "-inf") for an option, not a negative value; no flag here looks like a number
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf$", re.I)
+
     def error(self, message: str):  # one line, exit status 2 (argparse's own status for usage errors)
         raise ConfigError(message)
 
@@ -164,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             metavar = "{true,false}" if _flag_type(f) is _bool else None
             parser.add_argument(flag, type=_flag_type(f), default=None, dest=f.name, choices=choices,
-                                metavar=metavar, help=f"{help_text} (default: {f.default})")
+                                metavar=metavar, help=_help(f))
     return parser
 
 

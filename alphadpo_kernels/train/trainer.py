@@ -167,6 +167,16 @@ def _previous_run(output_dir: str) -> list[str]:
                   if n in ("metrics.jsonl", "summary.json", "final") or n.startswith("checkpoint-"))
 
 
+def _first_missing(path: str) -> str | None:
+    """The outermost folder of ``path`` that does not exist yet (what ``os.makedirs(path)`` creates), or None."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        return None
+    while not os.path.exists(os.path.dirname(path)):
+        path = os.path.dirname(path)
+    return path
+
+
 def _latest_checkpoint(output_dir: str) -> str | None:
     found = sorted(glob.glob(os.path.join(output_dir, "checkpoint-*")), key=lambda p: int(p.rsplit("-", 1)[1]))
     return found[-1] if found else None
@@ -208,10 +218,16 @@ def train(cfg: TrainConfig) -> dict:
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
+    # every user error before any work: the values first (parse_config has run them; a caller may not have),
+    # then the output folder; nothing is written and no model is built until both pass
+    cfg = cfg.validate()
     previous = _previous_run(cfg.output_dir)
     if previous and not cfg.resume and not cfg.overwrite:
         raise ConfigError(f"{cfg.output_dir} holds a previous run ({', '.join(previous)}): pass --resume latest to "
                           "continue it, --overwrite true to start afresh there, or another --output-dir")
+    if cfg.resume == "latest" and _latest_checkpoint(cfg.output_dir) is None:
+        raise ConfigError(f"--resume latest: no checkpoint-* folder in {cfg.output_dir}")
+    created = _first_missing(cfg.output_dir)  # the folder this run creates (None: it exists), removed on a load error
     os.makedirs(cfg.output_dir, exist_ok=True)
     has_tb = importlib.util.find_spec("tensorboard") is not None
     # cpu=True without CUDA: only then does accelerate pick up a multi-process CPU (gloo) launch.
@@ -228,17 +244,30 @@ def train(cfg: TrainConfig) -> dict:
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         accelerator.wait_for_everyone()
 
-    tokenizer = _load_tokenizer(cfg)
-    train_ds, eval_ds = build_datasets(cfg, tokenizer, accelerator)
+    def load(what: str, fn, *args, errors: tuple = (OSError, ImportError, ValueError)):
+        """A loader whose failure is the user's to fix (no such model or data set, no connection, a gated repo, an
+        unrecognised model, a malformed data file, a missing optional package): one line, exit 2, and the output
+        folder this run created is removed again."""
+        try:
+            return fn(*args)
+        except errors as exc:
+            if created and accelerator.is_main_process:
+                shutil.rmtree(created, ignore_errors=True)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"cannot load {what}: {first}") from exc
 
-    policy = _load_policy(cfg, tokenizer)
+    tokenizer = load(f"the tokenizer {cfg.tokenizer_name_or_path or cfg.model_name_or_path!r}", _load_tokenizer, cfg)
+    train_ds, eval_ds = load("the data", build_datasets, cfg, tokenizer, accelerator)
+
+    policy = load(f"the model {cfg.model_name_or_path!r}", _load_policy, cfg, tokenizer)
     if reference_placement(accelerator) == "plain":  # sharded weights cannot run a plain forward here
         verify_head(policy)
     loss_fn = FusedAlphaDPOLoss(beta=cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio, alpha=cfg.alpha,
                                 loss_type=cfg.loss_type, ema_momentum=cfg.ema_momentum,
                                 average_log_prob=cfg.average_log_prob, shift=True,
                                 label_smoothing=cfg.label_smoothing, options=LogpsOptions(memory=cfg.memory))
-    ref_model = _load_reference(cfg, policy) if loss_fn.loss_type != "simpo" else None
+    ref_model = (load(f"the reference model {cfg.ref_model_name_or_path or cfg.model_name_or_path!r}",
+                      _load_reference, cfg, policy) if loss_fn.loss_type != "simpo" else None)
     if cfg.gradient_checkpointing:  # non-reentrant, as the released configs; the API was renamed in transformers 5
         enable = getattr(policy, "activation_checkpointing_enable", None)
         if enable is not None:
@@ -475,7 +504,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli() -> None:
     """Console entry point (``alphadpo-train``): exit status 0 on success (the summary is in summary.json); a user
-    error (bad flag, key, value or file) is one line on stderr and exit status 2."""
+    error (bad flag, key, value or file, a backend this machine cannot run, an output folder holding a previous run,
+    a model or data set that cannot be loaded) is one line on stderr and exit status 2. Every value is checked before
+    any folder is written or any model is built."""
     import sys
 
     try:
