@@ -5,18 +5,24 @@
     python benchmarks/bench_loss.py --T 1024 4096 --methods fused fused-lean naive --regimes peaked
 
 Every method computes the same α-DPO loss forward + backward with reference log-probs given, except
-``liger`` (Liger-Kernel's fused linear SimPO: it has no α-DPO). ``fused`` is the Triton backend in
-``memory="fast"``, ``fused-lean`` in ``memory="lean"``, ``cublas`` the cuBLAS + CUDA-epilogue backend; ``trl``
-is TRL ≥ 1.15's ``ChunkedLogProbFunction`` (DPOTrainer's fused LM head) for per-token log-probs,
-length-normalised, under the same α-DPO head. Each row reports the median time, the peak memory above the
+``liger`` (Liger-Kernel's fused linear SimPO: it has no α-DPO); the methods are listed at the end of --help.
+Each row reports the median time of the timed runs and their spread (max / min), the peak memory above the
 inputs, and the time of one plain ``h·Wᵀ`` GEMM of the same shape measured in the same run, so that
-``time / GEMM`` carries across cards; the memory floor is the size of the gradients dH + dW. ``--jsonl``
-appends each row as soon as it is measured, so a run cut short keeps what it measured.
+``time / GEMM`` carries across cards; the memory floor is the size of the gradients dH + dW.
+
+Nothing is written to disk unless asked: ``--json FILE`` (every row, at the end), ``--plot FILE.png`` (memory
+and time against T) and ``--jsonl FILE`` (each row appended as soon as it is measured, so a run cut short keeps
+what it measured); ``benchmarks/render_results.py`` turns either file into Markdown. The last lines of a run say
+where its results went, or how to keep them.
 
 On a GPU the timings are CUDA events after warm-up and memory is the caching allocator's peak. On the CPU
 every row runs in a fresh process (glibc told to unmap large blocks on free), timed by wall clock, and its
 memory is the rise of the resident-set high-water mark over the resident set after a warm-up, so one
-method's memory cannot hide another's.
+method's memory cannot hide another's. Wall-clock timings on a shared machine can swing several-fold: a row
+whose timed runs differ by more than SPREAD_WARN (1.5×, max / min) is marked ``!`` and the run ends with a
+warning; its median is not to be trusted (rerun on an idle machine, or with more --repeats). The threshold is
+loose on purpose: on an idle machine repeated runs of these shapes stay within a few percent of each other,
+while a busy neighbour costs 2–10×.
 """
 
 from __future__ import annotations
@@ -57,10 +63,27 @@ GPU_DEFAULTS = dict(T=[1024, 4096, 16384, 32768], H=4096, V=128256, dtype="bf16"
 # The CPU head is 1/16 of Llama-3's in H and V; the fused paths' scratch budget is scaled from 64 MB to 4 MB with
 # it, or at these sizes one call's whole logits would fit in the budget and memory would look T-dependent.
 CPU_DEFAULTS = dict(T=[64, 128, 256], H=256, V=8192, dtype="fp32", budget_mb=4.0)
-# Pairs per T on the GPU, so that the smallest sizes fill the card (SPEC §3: 4×2×1024, 2×2×4096, 1×2×32768).
+# Pairs per T on the GPU, so that the smallest sizes fill the card (4×2×1024, 2×2×4096, 1×2×32768 tokens).
 GPU_PAIRS = {1024: 4, 4096: 2, 16384: 1, 32768: 1}
 HPARAMS = dict(beta=2.5, gamma_beta_ratio=0.6, alpha=0.2)
 TARGET_ENTROPY = 3.0  # nats: a trained LM's mean next-token entropy is 2–4
+SPREAD_WARN = 1.5  # max / min of a row's timed runs above which its median is flagged as unreliable
+
+METHOD_HELP = {
+    "fused": "this package, Triton backend, memory='fast' (CUDA)",
+    "fused-lean": "this package, Triton backend, memory='lean': two backward passes, no float32 gradient buffer "
+                  "(CUDA)",
+    "cublas": "this package, cuBLAS float32 logit chunks + the compiled CUDA epilogue (CUDA, needs _C_cuda)",
+    "naive": "full logits [N, V] in the input dtype, log-softmax, gather, autograd: the baseline",
+    "liger": "Liger-Kernel's LigerFusedLinearSimPOLoss (SimPO: it has no α-DPO; checked against naive SimPO)",
+    "cce": "Cut Cross-Entropy's linear_cross_entropy per token, then the same α-DPO head",
+    "trl": "TRL >= 1.15's ChunkedLogProbFunction (DPOTrainer's fused LM head), length-normalised, same head",
+    "fused-filter": "fused with opt-in backward tile skipping, LogpsOptions(filter_eps='auto') (CUDA)",
+    "fused-packed": "fused on padding-free (packed) rows with cu_seqlens (CUDA; the ragged regime shows it)",
+    "fused-torch": "this package, torch backend (any device; the compiled CPU epilogue when built)",
+    "fused-torch-packed": "fused-torch on padding-free (packed) rows with cu_seqlens",
+    "fused-torch-noext": "fused-torch with the compiled CPU epilogue switched off, to show what it buys",
+}
 
 
 @dataclass
@@ -95,7 +118,10 @@ class Row:
     dtype: str
     device: str
     pairs: int
-    ms: float | None = None
+    ms: float | None = None  # median of the timed runs
+    ms_min: float | None = None
+    ms_max: float | None = None
+    spread: float | None = None  # ms_max / ms_min
     gemm_ms: float | None = None
     time_vs_gemm: float | None = None
     peak_mem_mb: float | None = None
@@ -271,8 +297,8 @@ def _trl_method() -> Callable:
     try:
         chunk = importlib.import_module("trl.trainer.utils")._CHUNKED_LOGPROB_CHUNK_SIZE
     except ImportError:
-        # trl.trainer.utils needs TRL's data stack (pandas, datasets + pyarrow: 70 MB, more than a device call
-        # carries). The kernel's backward takes one thing from it, maybe_gather_lm_head_ctx, a null context
+        # trl.trainer.utils needs TRL's data stack (pandas, datasets + pyarrow: 70 MB), which a minimal benchmark
+        # environment may lack. The kernel's backward takes one thing from it, maybe_gather_lm_head_ctx, a null context
         # unless DeepSpeed ZeRO-3 partitions the head: on one GPU a stub is exactly what TRL would do.
         import contextlib
         import types
@@ -427,7 +453,8 @@ def measure(case: Case, fn: Callable | None = None) -> Row:
         mem: dict = {}
         with _peak_memory(case.device, mem):
             times = [timer(step) for _ in range(case.repeats)]
-        row.ms = statistics.median(times)
+        row.ms, row.ms_min, row.ms_max = statistics.median(times), min(times), max(times)
+        row.spread = row.ms_max / row.ms_min if row.ms_min > 0 else None
         row.peak_mem_mb = mem["peak"] / 2**20
         hidden.grad = weight.grad = None
         row.gemm_ms = statistics.median(timer(gemm) for _ in range(case.repeats))
@@ -438,7 +465,7 @@ def measure(case: Case, fn: Callable | None = None) -> Row:
     except Exception as exc:  # noqa: BLE001 - every failure becomes a row, and the run goes on
         row.status = "OOM" if is_oom(exc) else "error"
         row.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        row.ms = row.peak_mem_mb = None
+        row.ms = row.ms_min = row.ms_max = row.spread = row.peak_mem_mb = None
     finally:
         if case.device == "cuda":
             torch.cuda.empty_cache()
@@ -484,15 +511,26 @@ def device_name(device: str) -> str:
 
 
 COLUMNS = {
+    "regime": "uniform: near-uniform softmax (random head); peaked: a trained LM's (Zipf prior, ~3 nats); "
+              "ragged: long-tailed response lengths (padded vs packed)",
+    "T": "tokens per response (row length)",
     "N": "tokens in the step: pairs × 2 × T (the padded rows)",
     "decoder tok": "tokens a decoder would have run for the batch: N, or only the packed ones (fused-*-packed)",
     "ms": "median wall time of forward + backward of the whole α-DPO loss (CUDA events on a GPU)",
+    "min–max": "fastest and slowest of the timed runs (--repeats)",
+    "spread": f"max / min of the timed runs; '!' above {SPREAD_WARN}×: the median is unreliable",
     "×GEMM": "ms / one plain h·Wᵀ GEMM over the tokens the call receives, timed in the same run",
     "peak MB": "peak memory allocated during the step above what the inputs already held",
     "×floor": "peak MB / the gradients themselves (dH + dW), the least any method must hold",
     "loss Δ / grad Δ": "max relative difference of the loss / gradients from naive (Liger: from naive SimPO), "
                        "checked at the smallest T only; blank elsewhere",
+    "status": "ok, or OOM / error with the reason (methods that cannot run here are listed below the table)",
 }
+
+
+def unsteady(row: Row) -> bool:
+    """A measured row whose timed runs differ by more than SPREAD_WARN (max / min)."""
+    return row.status == "ok" and row.spread is not None and row.spread > SPREAD_WARN
 
 
 def print_table(rows: list[Row], title: str) -> None:
@@ -500,10 +538,10 @@ def print_table(rows: list[Row], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=200)
+    console = Console(width=220)
     table = Table(title=title, show_lines=False)
-    for col in ("regime", "T", "N", "method", "decoder tok", "ms", "×GEMM", "peak MB", "×floor", "loss Δ", "grad Δ",
-                "status"):
+    for col in ("regime", "T", "N", "method", "decoder tok", "ms", "min–max", "spread", "×GEMM", "peak MB",
+                "×floor", "loss Δ", "grad Δ", "status"):
         table.add_column(col, justify="left" if col in ("regime", "method", "status") else "right")
 
     def f(x, fmt):
@@ -512,8 +550,10 @@ def print_table(rows: list[Row], title: str) -> None:
     for r in rows:
         if r.status == "skipped":
             continue
+        span = f"{r.ms_min:.1f}–{r.ms_max:.1f}" if r.ms_min is not None else ""
+        spread = f(r.spread, ".2f") + (" !" if unsteady(r) else "")
         table.add_row(r.regime, str(r.T), str(r.N), r.method, str(r.extra.get("decoder_tokens", "")),
-                      f(r.ms, ".1f"), f(r.time_vs_gemm, ".2f"),
+                      f(r.ms, ".1f"), span, spread, f(r.time_vs_gemm, ".2f"),
                       f(r.peak_mem_mb, ".1f"), f(r.peak_vs_floor, ".2f"), f(r.loss_rel_diff, ".1e"),
                       f(r.grad_rel_diff, ".1e"), r.status if r.status == "ok" else f"{r.status}: {r.reason}")
     console.print(table)
@@ -522,9 +562,41 @@ def print_table(rows: list[Row], title: str) -> None:
         if r.status == "skipped":
             skipped.setdefault(r.method, r.reason)
     for method, reason in skipped.items():
-        console.print(f"not run here: {method}: {reason}")
+        console.print(f"not run here: {method}: {reason}", highlight=False)
     for col, meaning in COLUMNS.items():
         console.print(f"  {col}: {meaning}", highlight=False)
+
+
+def count_rows(rows: list[Row]) -> dict[str, int]:
+    """Rows by outcome: measured (ok), failed (OOM / error) and skipped (the method cannot run here)."""
+    return {"measured": sum(r.status == "ok" for r in rows),
+            "failed": sum(r.status in ("OOM", "error") for r in rows),
+            "skipped": sum(r.status == "skipped" for r in rows)}
+
+
+def summary_lines(rows: list[Row], seconds: float, repeats: int, saved: dict[str, str]) -> list[str]:
+    """The run's closing lines: what was measured, how steady the timings were, and where the results went."""
+    n = count_rows(rows)
+    lines = [f"{n['measured']} rows measured, {n['failed']} failed, {n['skipped']} skipped (method cannot run here) "
+             f"in {seconds:.0f} s"]
+    ok = [r for r in rows if r.status == "ok" and r.spread is not None]
+    if repeats < 2:
+        lines.append("timing spread unknown: one timed run per row (--repeats 1)")
+    elif ok:
+        spreads = sorted(r.spread for r in ok)
+        lines.append(f"timing spread (max / min of {repeats} runs per row): {spreads[0]:.2f}–{spreads[-1]:.2f}×, "
+                     f"median {statistics.median(spreads):.2f}×")
+        bad = [r for r in ok if unsteady(r)]
+        if bad:
+            lines.append(f"warning: {len(bad)} of {len(ok)} measured rows swing more than {SPREAD_WARN}× between "
+                         "timed runs (marked !): the machine is busy or the rows are too short, so their medians "
+                         "are unreliable; rerun on an idle machine or with more --repeats")
+    if saved:
+        lines += [f"{what} written to {path}" for what, path in saved.items()]
+    else:
+        lines.append("results not saved: add --json FILE (all rows), --jsonl FILE (each row as measured) or "
+                     "--plot FILE.png; benchmarks/render_results.py FILE makes a Markdown table of them")
+    return lines
 
 
 def plot(rows: list[Row], path: str, title: str) -> None:
@@ -602,9 +674,9 @@ def run_cases(cases: list[Case], isolate: bool, progress: bool = True,
     return rows
 
 
-def spec_targets(rows: list[Row]) -> list[tuple[str, str, bool | None]]:
-    """SPEC §4's targets, read off the rows that measure them: ``(target, measured, met)``; ``met`` is None
-    when a row it needs is missing."""
+def performance_targets(rows: list[Row]) -> list[tuple[str, str, bool | None]]:
+    """The performance targets of docs/design.md, read off the rows that measure them: ``(target, measured,
+    met)``; ``met`` is None when a row it needs is missing."""
     ok = {(r.method, r.regime, r.N): r for r in rows if r.status == "ok"}
     out = []
     for n in sorted({r.N for r in rows}):
@@ -639,17 +711,23 @@ def spec_targets(rows: list[Row]) -> list[tuple[str, str, bool | None]]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    epilog = ("methods:\n" + "\n".join(f"  {m:19s} {h}" for m, h in METHOD_HELP.items())
+              + "\n\noutput columns:\n" + "\n".join(f"  {c:16s} {h}" for c, h in COLUMNS.items()))
+    p = argparse.ArgumentParser(prog="bench_loss.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
     p.add_argument("--T", type=int, nargs="+", help="tokens per response to sweep (default: GPU 1k..32k, CPU 64..256)")
     p.add_argument("--pairs", type=int, help="preference pairs per step (default: GPU fills the card, CPU 2)")
     p.add_argument("--H", type=int, help="hidden size (default: GPU 4096, CPU 256)")
     p.add_argument("--V", type=int, help="vocabulary size (default: GPU 128256, CPU 8192)")
     p.add_argument("--dtype", choices=list(DTYPES), help="input dtype (default: GPU bf16, CPU fp32)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                   help="methods to measure (default: all; those that cannot run here are listed once, with why)")
-    p.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(DEFAULT_REGIMES),
-                   help="ragged: long-tailed response lengths, for padded vs packed (fused-packed) rows")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per row (the median is reported)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
+                   help="methods to measure, listed below (default: all; those that cannot run here are listed "
+                        "once, with why)")
+    p.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(DEFAULT_REGIMES), metavar="REGIME",
+                   help=f"input regimes among {', '.join(REGIMES)} (default: {' '.join(DEFAULT_REGIMES)}); ragged: "
+                        "long-tailed response lengths, for padded vs packed (fused-packed) rows")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per row (the median is reported, with the "
+                   "spread max / min)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per row first")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--budget-mb", type=float, help="scratch budget of the fused paths (default: GPU the library's "
@@ -697,14 +775,20 @@ def main(argv=None) -> list[Row]:
         ent = [r.entropy for r in rows if r.regime == regime and r.entropy is not None]
         if ent:
             print(f"mean token entropy, {regime}: {statistics.mean(ent):.2f} nats")
-    print(f"{len(rows)} rows in {time.time() - started:.0f} s")
-    for target, measured, met in spec_targets(rows):
-        print(f"SPEC §4 {'MET ' if met else 'MISSED'} {target}: {measured}")
+    for target, measured, met in performance_targets(rows):
+        print(f"target {'MET   ' if met else 'MISSED'} {target}: {measured}")
+    saved: dict[str, str] = {}
+    if args.jsonl:
+        saved["rows (appended as measured)"] = args.jsonl
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) | {"card": card} for r in rows], f, indent=1)
+        saved["rows"] = args.json
     if args.plot:
         plot(rows, args.plot, title)
+        saved["plot"] = args.plot
+    for line in summary_lines(rows, time.time() - started, args.repeats, saved):
+        print(line)
     return rows
 
 
