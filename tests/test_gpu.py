@@ -1,5 +1,5 @@
 """On a CUDA device: real compilation of the shipped block sizes, both memory modes and all three backends at a
-realistic head, and SPEC §4's memory bounds with the caching allocator's own peak.
+realistic head, and the memory bounds of docs/design.md §3 with the caching allocator's own peak.
 
 Skipped without a GPU; run by benchmarks/gpu_check.sh on the GPU machine.
 """
@@ -64,14 +64,14 @@ def _peak_above_inputs(memory, n_tok, vocab=128256, hdim=4096, backend="triton")
 
 @pytest.mark.parametrize("n_tok", [8192, 16384])
 def test_fast_memory_bound(n_tok):
-    """SPEC §4: fast ≤ floor + 4·min(N, V)·H + 64 MB."""
+    """docs/design.md §3: fast ≤ floor + 4·min(N, V)·H + 64 MB."""
     peak, floor = _peak_above_inputs("fast", n_tok)
     assert peak <= floor + 4 * min(n_tok, 128256) * 4096 + 64 * 2**20, peak / floor
 
 
 @pytest.mark.parametrize("n_tok", [8192, 16384, 65536])
 def test_lean_memory_bound(n_tok):
-    """SPEC §4: lean ≤ 1.10 × floor at every N."""
+    """docs/design.md §3: lean ≤ 1.10 × floor at every N."""
     peak, floor = _peak_above_inputs("lean", n_tok)
     assert peak <= 1.10 * floor, peak / floor
 

@@ -1,4 +1,4 @@
-"""Loss heads and the module against an independent plain implementation of SPEC §1."""
+"""Loss heads and the module against an independent plain implementation of the loss in docs/design.md §1."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from helpers import SMALL_BLOCKS, make_inputs
 
 
 class PlainAlphaDPO:
-    """SPEC §1 written out with Python floats and math, step by step (independent of the package)."""
+    """docs/design.md §1 written out with Python floats and math, step by step (independent of the package)."""
 
     def __init__(self, beta, gamma_beta_ratio, alpha, eps=1e-8):
         self.beta, self.gbr, self.alpha, self.eps = beta, gamma_beta_ratio, alpha, eps

@@ -21,7 +21,8 @@ VARIANTS = {
     "shift": dict(shift=True),
     "all": dict(bias=True, softcap=3.0, shift=True),
 }
-# SPEC §4: fp32 within 1e-5 (log-probs) and 1e-4 (gradients); half precision within 2e-2 on gradients.
+# Tolerances (docs/design.md §5): fp32 within 1e-5 (log-probs) and 1e-4 (gradients); half precision within
+# 2e-2 on gradients.
 TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-4, 2e-2), torch.float16: (1e-4, 2e-2)}
 
 
@@ -60,7 +61,7 @@ def test_matches_fp64_reference(backend, dtype, variant, device):
         # The fair measure: close to torch computing full logits in the same precision (the released
         # trainer's path). The torch backend keeps dz in float32 and matches it; the Triton backward rounds dz
         # to the input dtype before its two gradient dots, as a half-precision tensor-core kernel must, which
-        # measured up to 2.9x naive's gradient error over 40 seeds (still under SPEC's absolute 2e-2).
+        # measured up to 2.9x naive's gradient error over 40 seeds (under docs/design.md §5's absolute 2e-2).
         factor = 1.5 if backend == "torch" else 4.0
         lp = [t.detach().clone().requires_grad_() for t in leaves]
         naive, naive_grads = _grads(lambda: reference_sequence_logps(

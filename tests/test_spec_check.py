@@ -1,5 +1,6 @@
 """End to end over several training steps: the module on hidden states against an fp64 transcription of
-SPEC §1 (full logits, length-normalised log-probs, running margin statistics), at SPEC §4's tolerances."""
+docs/design.md §1 (full logits, length-normalised log-probs, running margin statistics), at the tolerances of
+docs/design.md §5."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The GEMM work each path issues, counted on the CPU (SPEC §5) and held to its plan: forward + backward is
+"""The GEMM work each path issues, counted on the CPU (docs/design.md §4) and held to its plan: forward + backward is
 4 GEMM units in ``memory="fast"`` and 5 in ``"lean"`` (a unit = one ``[N, H] × [H, V]`` product), the backward
 visits live tokens only, and a gradient nobody needs costs nothing. A later change cannot quietly add a pass.
 
