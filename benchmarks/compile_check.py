@@ -1,4 +1,4 @@
-"""Compile every shipped Triton kernel and block configuration for real cards, with no GPU (SPEC §5).
+"""Compile every shipped Triton kernel and block configuration for real cards, with no GPU.
 
     python benchmarks/compile_check.py                      # the shipped set, a table, non-zero exit on a failure
     python benchmarks/compile_check.py --json out.json --candidates --archs 90

@@ -11,7 +11,7 @@ PY=${PY:-3.12}
 DEST=${DEST:-.whl}
 common=(--dest "$DEST" --no-deps --only-binary=:all: --python-version "$PY" --platform manylinux2014_x86_64
         --platform manylinux_2_28_x86_64 --platform any)
-# The peers bench_loss.py compares against. Versions are the ones SPEC §3 measured; TRL is the first release
+# The peers bench_loss.py compares against. Versions are the ones our recorded comparisons used; TRL is the first release
 # line with its fused LM head (trl.kernels.chunked_logprob).
 python3 -m pip download "${common[@]}" liger-kernel==0.8.5 cut-cross-entropy==25.1.1 "trl>=1.15,<2"
 # What `import trl.kernels.chunked_logprob` pulls in beyond transformers / accelerate (already on the machine);

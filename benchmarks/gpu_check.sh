@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One device call on the GPU machine, at most ~6 minutes on an H200 (BUDGET_S, default 330 s, after install):
+# One short run on a GPU machine, at most ~6 minutes on an H200 (BUDGET_S, default 330 s, after install):
 # results land under $OUT as they are measured, the rows that matter first, so a run cut short keeps them:
-#   1. every method at N = 16k tokens (2 pairs x 2 x 4096), uniform logits: the SPEC §4 time and memory targets
-#   2. the GPU tests (real compilation, exactness at a real head, SPEC §4 memory bounds by the caching allocator)
+#   1. every method at N = 16k tokens (2 pairs x 2 x 4096), uniform logits: the time and memory targets (docs/design.md §4)
+#   2. the GPU tests (real compilation, exactness at a real head, the memory bounds of docs/design.md §3 by the caching allocator)
 #   3. the T sweep (N = 4k, 64k, 128k... as GPU_PAIRS gives), 4. peaked logits, 5. ragged lengths padded vs
 #   packed, 6. the block-size autotuner
 # Without a GPU it is a dry run of the same steps at tiny shapes:   OUT=/tmp/gpu_out bash benchmarks/gpu_check.sh

@@ -1,9 +1,9 @@
-"""Memory of the op, proven on the CPU (SPEC §5): the allocation plan, not the device, decides it.
+"""Memory of the op, proven on the CPU (docs/design.md §3): the allocation plan, not the device, decides it.
 
 Two dispatch modes watch every tensor any aten op creates inside the call:
 * ``LargestTensor``: nothing of size ``rows × T × V`` is ever allocated (and it does catch the naive path);
 * ``LiveBytes``: the peak of live allocated bytes during the backward, the CPU twin of
-  ``torch.cuda.max_memory_allocated`` above the start, held to SPEC §4's bound of each memory mode at the
+  ``torch.cuda.max_memory_allocated`` above the start, held to the bound (docs/design.md §3) of each memory mode at the
   Llama-3-8B head's proportions scaled down by 32 (H = 128, V = 4008; the 64 MB budget scales by 32²).
 
 CPU-only stand-ins for work that allocates nothing on a GPU are left out of ``LiveBytes``: the Triton
@@ -152,7 +152,7 @@ def test_detector_sees_the_naive_logits():
     assert largest >= ROWS * SEQ * VOCAB * 4
 
 
-# ------------------------------------------------------------------------------------------------ SPEC §4 bounds
+# ------------------------------------------------------------------------------------------------ memory bounds
 
 SCALE = 32
 H_S, V_LLAMA, V_MISTRAL = 4096 // SCALE, 128256 // SCALE, 32000 // SCALE
@@ -189,7 +189,7 @@ def _peak_backward(n_tok, vocab, dtype, opts, *, dead=0, seed=0, backend="triton
     dict(n_tok=1536, vocab=V_MISTRAL, dead=100),  # 48k tokens, Mistral head: N > V, token-outer
 ], ids=["8k", "16k-prompt", "mistral-48k"])
 def test_fast_mode_peak_is_within_the_spec_bound(dtype, case):
-    """SPEC §4: fast ≤ floor + 4·min(N, V)·H + 64 MB."""
+    """docs/design.md §3: fast ≤ floor + 4·min(N, V)·H + 64 MB."""
     opts = LogpsOptions(memory="fast", memory_budget_mb=_budget_mb(case["n_tok"]), **BLOCKS)
     peak, floor, n_live = _peak_backward(case["n_tok"], case["vocab"], dtype, opts, dead=case["dead"])
     bound = floor + 4 * min(n_live, case["vocab"]) * H_S + opts.budget_bytes()
@@ -231,7 +231,7 @@ def test_float32_master_head_saves_no_copy_of_the_head(backend):
 @pytest.mark.usefixtures("gpu_allocations_only")
 @pytest.mark.parametrize("n_tok", [256, 1024], ids=["8k", "32k"])
 def test_lean_mode_stays_within_a_tenth_of_the_floor(n_tok):
-    """SPEC §4: lean ≤ 1.10 × floor at every N: its default budget is min(64 MB, floor / 16)."""
+    """docs/design.md §3: lean ≤ 1.10 × floor at every N: its default budget is min(64 MB, floor / 16)."""
     floor = 2 * H_S * (n_tok + V_LLAMA)
     opts = LogpsOptions(memory="lean", memory_budget_mb=_budget_mb(n_tok, min(CHUNKS_S, floor // 16)), **BLOCKS)
     peak, floor, _ = _peak_backward(n_tok, V_LLAMA, torch.bfloat16, opts, dead=n_tok // 5)

@@ -1,6 +1,6 @@
 """The embedded demo: a tiny Llama built from a config, the shipped word-level tokenizer, and the shipped
-"sort the digits" preference task (see make_demo_assets.py). Runs on one CPU in seconds (7 s on the project's
-2-core machine, README)."""
+"sort the digits" preference task (see make_demo_assets.py). Runs on one CPU in seconds (about 7 s on a
+2-core machine)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The backward of every backend: ``dz`` by chunks, both gradients by real GEMMs with float32 accumulation.
 
-SPEC §2. With ``g`` the per-token upstream gradient and ``lse`` the forward's log-sum-exp, the logits gradient
+docs/design.md §2. With ``g`` the per-token upstream gradient and ``lse`` the forward's log-sum-exp, the logits gradient
 is ``dz = g · (onehot(y) − softmax(z))`` (× the soft-cap derivative); then ``dH = dz·W`` and ``dW = dzᵀ·H``.
 A *producer* writes ``dz`` for a block of tokens and a vocabulary chunk, recomputing the logits (the Triton
 kernel of triton_grad_logits.py, or cuBLAS / torch logits + an epilogue); this driver feeds each chunk to the

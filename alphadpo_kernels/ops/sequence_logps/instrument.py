@@ -1,4 +1,4 @@
-"""Opt-in accounting of the GEMM work a call issues, so tests can hold each path to its plan (SPEC §5), and of
+"""Opt-in accounting of the GEMM work a call issues, so tests can hold each path to its plan (docs/design.md §4), and of
 the host synchronisations it makes (:func:`count_host_syncs`).
 
 Every GEMM of the chunked paths (torch / cuBLAS through :mod:`.gemm`, and each Triton launch by its logical

@@ -16,7 +16,7 @@ MemoryMode = Literal["fast", "lean"]
 MEMORY_MODES = ("fast", "lean")
 
 # Scratch the backward may use besides the gradients (and, in "fast" mode, its one float32 accumulator):
-# the dz chunk, the cuBLAS producer's float32 logits chunk, per-chunk partial sums. SPEC §4 allows 64 MB.
+# the dz chunk, the cuBLAS producer's float32 logits chunk, per-chunk partial sums. The memory bounds allow 64 MB (docs/design.md §3).
 DEFAULT_BUDGET_BYTES = 64 * 2**20
 # "lean" promises at most 1.1 × the gradients: its scratch is also held to 1/16 of them (small heads),
 # but never below this, so that chunks stay wide enough for the GEMMs to run at speed.
@@ -35,7 +35,7 @@ TILE_FIELDS = ("fwd_block_m", "fwd_block_n", "fwd_block_k", "bwd_block_m", "bwd_
 class LogpsOptions:
     """Options shared by every backend.
 
-    Memory of the backward (SPEC §2):
+    Memory of the backward (docs/design.md §3):
 
     * ``memory="fast"`` (default): 4 GEMM units for forward + backward. One float32 accumulator, for ``dH``
       (vocabulary-chunk outer) or for ``dW`` (token-chunk outer), whichever is smaller: peak ≈ gradients +

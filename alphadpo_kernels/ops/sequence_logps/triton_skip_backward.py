@@ -2,7 +2,7 @@
 
 Skipping needs the product of each ``dz`` tile to be decided tile by tile, which dense cuBLAS GEMMs cannot do; so
 this path folds each ``[BLOCK_M, BLOCK_N]`` tile into ``dH`` and ``dW`` itself, Cut Cross-Entropy's shape. It is
-the slow shape when nothing is skipped (SPEC §2: about ``N·H·V·(1/BLOCK_N + 1/BLOCK_M)`` float adds through
+the slow shape when nothing is skipped (docs/design.md §2: about ``N·H·V·(1/BLOCK_N + 1/BLOCK_M)`` float adds through
 L2), so it only runs when skipping is asked for; the default backward is chunked_backward.py.
 
 The launcher walks the vocabulary in chunks (``chunk_vocab`` rows, else what the memory budget allows), one
