@@ -21,6 +21,7 @@ from .losses import (
     preference_metrics,
     simpo_head,
 )
+from .losses.heads import check_nll_weight, chosen_nll
 from .ops.sequence_logps import Backend, LogpsOptions, fused_sequence_logps, prepare_sequence_inputs
 
 __all__ = ["AlphaDPOOutput", "FusedAlphaDPOLoss", "fused_alpha_dpo_loss"]
@@ -49,7 +50,12 @@ def _check_head_inputs(hidden, weight, labels, bias, cu_seqlens, *, prefix, seq_
     return prepare_sequence_inputs(
         hidden, weight, labels, bias, ignore_index=seq_kwargs["ignore_index"], softcap=seq_kwargs["softcap"],
         logit_scale=seq_kwargs["logit_scale"], shift=seq_kwargs["shift"], cu_seqlens=cu_seqlens,
-        check_values=check_values, prefix=prefix, checks=checks)[3]
+        check_values=check_values, prefix=prefix, checks=checks, **_parallel_kwargs(seq_kwargs))[3]
+
+
+def _parallel_kwargs(seq_kwargs) -> dict:
+    """The context- / vocabulary-parallel groups of the call (only those given)."""
+    return {k: seq_kwargs[k] for k in ("cp_group", "tp_group") if seq_kwargs.get(k) is not None}
 
 
 def _detached(t):
@@ -144,6 +150,9 @@ def fused_alpha_dpo_loss(
     options: LogpsOptions | None = None,
     process_group=None,
     cu_seqlens: torch.Tensor | None = None,
+    nll_weight: float = 0.0,
+    cp_group=None,
+    tp_group=None,
 ) -> AlphaDPOOutput:
     """Fused preference loss, functional form (the margin state is passed and returned, never mutated).
 
@@ -167,7 +176,16 @@ def fused_alpha_dpo_loss(
         update_stats: update ``c1, c2`` from this batch before use (training); False for evaluation.
         average_log_prob: length-normalised log-probs (``ln: true`` in every released config).
         process_group: group over which α-DPO gathers its margin statistics (default: the world, when
-            ``torch.distributed`` is initialised).
+            ``torch.distributed`` is initialised). With ``cp_group`` / ``tp_group`` it must be the data-parallel
+            group (one rank of each cp × tp block): cp and tp ranks hold the same pairs and would be counted again.
+        cp_group, tp_group: context / vocabulary parallelism of the policy head and of a reference head
+            (``ref_hidden`` sharded like ``hidden``, ``ref_weight`` like ``weight``); see
+            :func:`fused_sequence_logps`. Every cp and tp rank returns the same loss; under cp, multiply it by the
+            cp size before ``backward()`` when FSDP averages gradients over cp ranks (docs/parallel.md).
+        nll_weight: weight of the NLL (RPO) term on the chosen responses added to the loss: ``−Σ logp / Σ n``
+            over every scored chosen token of the call, TRL's ``loss_type=[..., "sft"]`` term (its
+            ``loss_weights`` entry) and old TRL's ``rpo_alpha``; logged as ``metrics["nll_loss"]`` (unweighted).
+            It comes from the same op call as the pair loss (no second pass over the vocabulary). 0: off.
 
     Returns:
         :class:`AlphaDPOOutput` with the mean loss over the local pairs, per-pair logps and rewards, the
@@ -176,8 +194,12 @@ def fused_alpha_dpo_loss(
     loss_type = canonical_loss_type(loss_type)
     check_loss_hparams(beta=beta, gamma_beta_ratio=gamma_beta_ratio, alpha=alpha, ema_momentum=ema_momentum,
                        label_smoothing=label_smoothing, std_eps=std_eps, softcap=softcap, logit_scale=logit_scale)
+    nll_weight = check_nll_weight(nll_weight)
     seq_kwargs = dict(ignore_index=ignore_index, average=average_log_prob, softcap=softcap, logit_scale=logit_scale,
                       shift=shift, backend=backend, options=options, cu_seqlens=cu_seqlens)
+    if cp_group is not None or tp_group is not None:
+        seq_kwargs.update(cp_group=cp_group, tp_group=tp_group)
+        _check_margin_group(loss_type, update_stats, process_group)
     # Every input is validated once: metadata first, the value checks of both heads and the reference log-probs
     # then read with one host sync, and the ops called below reuse this validation and the packed layout.
     checks = ValueChecks() if check_values else None
@@ -193,16 +215,50 @@ def fused_alpha_dpo_loss(
             checks.run()
         ref_c, ref_r = _reference_logps(ref, labels, pairs, seq_kwargs)
         logps = fused_sequence_logps(hidden, weight, labels, bias=bias, check_values=False, **seq_kwargs)
+        counts = _chosen_token_counts(hidden, weight, labels, bias, pairs, seq_kwargs) if nll_weight else None
     return _preference_head(
         logps[:pairs], logps[pairs:], ref_c, ref_r, loss_type=loss_type, beta=beta,
         gamma_beta_ratio=gamma_beta_ratio, alpha=alpha, margin_mean=margin_mean, margin_std=margin_std,
         ema_momentum=ema_momentum, update_stats=update_stats, std_eps=std_eps, label_smoothing=label_smoothing,
-        process_group=process_group)
+        process_group=process_group, nll_weight=nll_weight, chosen_token_counts=counts,
+        average_log_prob=average_log_prob)
+
+
+def _chosen_token_counts(hidden, weight, labels, bias, pairs, seq_kwargs) -> torch.Tensor:
+    """``[P]`` scored tokens of each chosen sequence, from the labels as the op laid them out (shifted, packed):
+    inside the loss call's ``prepared_once`` scope this reuses the op's prepared inputs."""
+    _, laid_out, seg, n_seq = prepare_sequence_inputs(
+        hidden, weight, labels, bias, ignore_index=seq_kwargs["ignore_index"], softcap=seq_kwargs["softcap"],
+        logit_scale=seq_kwargs["logit_scale"], shift=seq_kwargs["shift"], cu_seqlens=seq_kwargs["cu_seqlens"],
+        check_values=False, **_parallel_kwargs(seq_kwargs))
+    live = laid_out != seq_kwargs["ignore_index"]
+    if seg is None:
+        counts = live.reshape(n_seq, -1).sum(1)[:pairs]
+    else:
+        counts = torch.zeros(n_seq, device=live.device).index_add_(0, seg, live.reshape(-1).float())[:pairs]
+    if seq_kwargs.get("cp_group") is not None:  # each cp rank counted its own tokens
+        counts = counts.float()
+        torch.distributed.all_reduce(counts, group=seq_kwargs["cp_group"])
+    return counts
+
+
+def _check_margin_group(loss_type, update_stats, process_group) -> None:
+    """Under cp / tp, α-DPO's margin statistics need the data-parallel group: the default (the world) holds every
+    pair once per cp × tp rank, which biases the std."""
+    import torch.distributed as dist
+
+    if (loss_type == "alpha_dpo" and update_stats and process_group is None and dist.is_available()
+            and dist.is_initialized() and dist.get_world_size() > 1):
+        raise ValueError("with cp_group / tp_group, pass process_group= the data-parallel group (e.g. "
+                         "mesh['dp'].get_group()) for α-DPO's margin statistics: the default, the whole world, holds "
+                         "each pair once per context- and tensor-parallel rank and would count it that many times")
 
 
 def _preference_head(pol_c, pol_r, ref_c, ref_r, *, loss_type, beta, gamma_beta_ratio, alpha, margin_mean,
-                     margin_std, ema_momentum, update_stats, std_eps, label_smoothing, process_group) -> AlphaDPOOutput:
-    """The loss on per-sequence log-probs ``[P]`` (already validated)."""
+                     margin_std, ema_momentum, update_stats, std_eps, label_smoothing, process_group,
+                     nll_weight=0.0, chosen_token_counts=None, average_log_prob=True) -> AlphaDPOOutput:
+    """The loss on per-sequence log-probs ``[P]`` (already validated); with ``nll_weight``, plus that times the
+    chosen responses' token-averaged NLL (``chosen_token_counts`` ``[P]``)."""
     if ref_c is not None:
         ref_c, ref_r = ref_c.to(pol_c.dtype), ref_r.to(pol_c.dtype)
     if loss_type == "alpha_dpo":
@@ -220,8 +276,14 @@ def _preference_head(pol_c, pol_r, ref_c, ref_r, *, loss_type, beta, gamma_beta_
     else:
         head = ipo_head(pol_c, pol_r, ref_c, ref_r, beta=beta)
 
+    loss = head.losses.mean()
+    metrics = preference_metrics(head.chosen_rewards, head.rejected_rewards, pol_c, pol_r, ref_c, ref_r)
+    if nll_weight:
+        nll = chosen_nll(pol_c, chosen_token_counts, average_log_prob=average_log_prob)
+        loss = loss + nll_weight * nll
+        metrics["nll_loss"] = nll.detach()
     return AlphaDPOOutput(
-        loss=head.losses.mean(),
+        loss=loss,
         chosen_logps=pol_c.detach(),
         rejected_logps=pol_r.detach(),
         chosen_rewards=head.chosen_rewards,
@@ -230,7 +292,7 @@ def _preference_head(pol_c, pol_r, ref_c, ref_r, *, loss_type, beta, gamma_beta_
         ref_rejected_logps=ref_r,
         margin_mean=head.margin_mean,
         margin_std=head.margin_std,
-        metrics=preference_metrics(head.chosen_rewards, head.rejected_rewards, pol_c, pol_r, ref_c, ref_r),
+        metrics=metrics,
     )
 
 
@@ -270,10 +332,12 @@ class FusedAlphaDPOLoss(nn.Module):
         options: LogpsOptions | None = None,
         logit_scale: float = 1.0,
         process_group=None,
+        nll_weight: float = 0.0,
     ) -> None:
         super().__init__()
         check_loss_hparams(beta=beta, gamma_beta_ratio=gamma_beta_ratio, alpha=alpha, ema_momentum=ema_momentum,
                            label_smoothing=label_smoothing, std_eps=std_eps, softcap=softcap, logit_scale=logit_scale)
+        self.nll_weight = check_nll_weight(nll_weight)
         self.logit_scale, self.process_group = logit_scale, process_group
         self.beta, self.gamma_beta_ratio, self.alpha = beta, gamma_beta_ratio, alpha
         self.loss_type = canonical_loss_type(loss_type)
@@ -297,6 +361,8 @@ class FusedAlphaDPOLoss(nn.Module):
         ref_bias: torch.Tensor | None = None,
         backend: Backend = "auto",
         cu_seqlens: torch.Tensor | None = None,
+        cp_group=None,
+        tp_group=None,
     ) -> AlphaDPOOutput:
         """See :func:`fused_alpha_dpo_loss` for shapes (padded, or packed with ``cu_seqlens``); the margin state
         comes from this module's buffers."""
@@ -308,7 +374,8 @@ class FusedAlphaDPOLoss(nn.Module):
             update_stats=self.training, ignore_index=self.ignore_index, softcap=self.softcap,
             average_log_prob=self.average_log_prob, shift=self.shift, label_smoothing=self.label_smoothing,
             std_eps=self.std_eps, logit_scale=self.logit_scale, backend=backend, check_values=self.check_values,
-            options=self.options, cu_seqlens=cu_seqlens, process_group=self.process_group)
+            options=self.options, cu_seqlens=cu_seqlens, process_group=self.process_group, cp_group=cp_group,
+            tp_group=tp_group, nll_weight=self.nll_weight)
         self._keep_stats(out)
         return out
 
@@ -318,11 +385,14 @@ class FusedAlphaDPOLoss(nn.Module):
         rejected_logps: torch.Tensor,
         ref_chosen_logps: torch.Tensor | None = None,
         ref_rejected_logps: torch.Tensor | None = None,
+        *,
+        chosen_token_counts: torch.Tensor | None = None,
     ) -> AlphaDPOOutput:
         """The same loss on per-sequence log-probs computed elsewhere (e.g. by :func:`fused_sequence_logps` inside
         a model's forward, as the TRL integration does): ``chosen_logps`` / ``rejected_logps`` ``[P]``, with
         gradients; ``ref_*`` ``[P]`` or None for SimPO. Updates the margin statistics in training mode, like
-        :meth:`forward`."""
+        :meth:`forward`. With ``nll_weight``, ``chosen_token_counts`` ``[P]`` (the scored tokens of each chosen
+        sequence) are required: the NLL term is ``−Σ (logp · n if average_log_prob else logp) / Σ n``."""
         for name, t in (("chosen_logps", chosen_logps), ("rejected_logps", rejected_logps)):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 1:
                 raise ValueError(f"{name} must be a floating [P] tensor, got "
@@ -338,11 +408,19 @@ class FusedAlphaDPOLoss(nn.Module):
             ref_weight=None, ref_bias=None, pairs=pairs, device=chosen_logps.device, loss_type=self.loss_type,
             seq_kwargs={}, check_values=self.check_values, checks=checks, against="chosen_logps")
         checks.run()  # one host sync for both reference log-probs' finiteness (none with check_values=False)
+        if self.nll_weight and (not isinstance(chosen_token_counts, torch.Tensor)
+                                or tuple(chosen_token_counts.shape) != (pairs,)):
+            raise ValueError(f"nll_weight={self.nll_weight} needs chosen_token_counts, a [{pairs}] tensor of the "
+                             "chosen sequences' scored token counts; got "
+                             f"{getattr(chosen_token_counts, 'shape', chosen_token_counts)!r}")
         out = _preference_head(
             chosen_logps, rejected_logps, ref_c, ref_r, loss_type=self.loss_type, beta=self.beta,
             gamma_beta_ratio=self.gamma_beta_ratio, alpha=self.alpha, margin_mean=self.margin_mean,
             margin_std=self.margin_std, ema_momentum=self.ema_momentum, update_stats=self.training,
-            std_eps=self.std_eps, label_smoothing=self.label_smoothing, process_group=self.process_group)
+            std_eps=self.std_eps, label_smoothing=self.label_smoothing, process_group=self.process_group,
+            nll_weight=self.nll_weight,
+            chosen_token_counts=chosen_token_counts.to(chosen_logps.device) if self.nll_weight else None,
+            average_log_prob=self.average_log_prob)
         self._keep_stats(out)
         return out
 

@@ -296,3 +296,38 @@ def test_head_check_skips_weights_that_are_not_there(model_dir):
         assert not _verifiable(AutoModelForCausalLM.from_config(model.config))
     model.lm_head.weight.data = torch.empty(0)
     assert not _verifiable(model)
+
+
+@pytest.mark.parametrize("pair_loss, extra", [("sigmoid", dict(average_log_prob=False)), ("ipo", {})])
+def test_sft_term_reproduces_stock_dpo_trainer_step_by_step(model_dir, dataset, tmp_path, pair_loss, extra):
+    """TRL's NLL (RPO) term, ``loss_type=[<pair loss>, "sft"]`` with ``loss_weights``: the same losses, gradient
+    norms and weights as stock TRL, step by step, from one fused op call per forward."""
+    kw = dict(loss_type=[pair_loss, "sft"], loss_weights=[1.0, 0.5], beta=0.5)
+    stock = trl.DPOTrainer(model=model_dir, train_dataset=dataset, args=trl.DPOConfig(**_common(tmp_path, "s", **kw)))
+    stock.train()
+    ours = AlphaDPOTrainer(model=model_dir, train_dataset=dataset,
+                           args=AlphaDPOConfig(**_common(tmp_path, "o", **kw), **extra))
+    assert ours.args.loss_type == [pair_loss, "sft"] and ours.alphadpo_loss.nll_weight == 0.5
+    ours.train()
+    a, b = _history(stock), _history(ours)
+    keys = COMPARED if pair_loss == "sigmoid" else ("loss", "grad_norm", "num_tokens")
+    _assert_same_history(a, b, rtol=2e-5, atol=1e-6, keys=keys)
+    for (name, p), q in zip(stock.model.named_parameters(), ours.model.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-5), name
+    # step 1: policy = reference, so the pair loss is its constant and the rest is the logged NLL, weighted
+    first_pair = math.log(2) if pair_loss == "sigmoid" else (1 / (2 * 0.5)) ** 2
+    assert b[0]["nll_loss"] > 0 and b[0]["loss"] == pytest.approx(first_pair + 0.5 * b[0]["nll_loss"], rel=1e-5)
+
+
+def test_config_takes_the_sft_term(tmp_path):
+    out = dict(output_dir=str(tmp_path / "c"), use_cpu=True)
+    cfg = AlphaDPOConfig(**out, loss_type=["sft", "dpo"], loss_weights=[0.2, 1.0])  # any order, as TRL
+    assert cfg.loss_type == ["sigmoid", "sft"] and cfg.loss_weights == [1.0, 0.2] and cfg.nll_weight == 0.2
+    assert AlphaDPOConfig(**out, loss_type=["alpha_dpo", "sft"]).nll_weight == 1.0  # TRL's default weights: 1
+    assert AlphaDPOConfig(**out).nll_weight == 0.0
+    for kw, match in ((dict(loss_type=["sigmoid", "sft"], loss_weights=[0.5, 1.0]), "must be 1"),
+                      (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, -1.0]), "'sft' weight"),
+                      (dict(loss_type=["sft"]), "loss_type must be one of"),
+                      (dict(loss_type=["sigmoid", "ipo", "sft"]), "one loss type")):
+        with pytest.raises(ValueError, match=match):
+            AlphaDPOConfig(**out, **kw)

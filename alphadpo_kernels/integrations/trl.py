@@ -26,7 +26,15 @@ What changes against the stock ``trl.DPOTrainer``:
 * Logged: TRL's ``rewards/*``, ``logps/*`` and ``num_tokens``, plus ``margin_mean`` / ``margin_std`` (α-DPO) and
   ``nonfinite_pairs``. TRL's ``entropy``, ``logits/*`` and ``mean_token_accuracy`` need vocabulary-wide statistics
   per token that the fused kernels do not compute, so they are not logged.
-* Not supported (refused by name at construction): several loss types at once (``loss_weights``), ``ld_alpha``,
+* TRL's NLL (RPO) term: ``loss_type=[<pair loss>, "sft"]`` with ``loss_weights=[1.0, w]`` adds ``w`` times the
+  chosen responses' token-averaged NLL (TRL's ``"sft"`` loss, logged as ``nll_loss``), taken from the same fused
+  op call as the pair loss (``FusedAlphaDPOLoss(nll_weight=w)``): no logits, no second pass. The pair loss's
+  weight must be 1.
+* ``disable_dropout`` (TRL's default) also zeroes the attention dropout *rates* (Llama's ``attention_dropout`` and
+  the like), which TRL's ``disable_dropout_in_model`` misses (it resets ``nn.Dropout`` modules only): with such a
+  checkpoint the policy would otherwise train with dropout on, and even a learning-rate-0 run would log margins.
+* Not supported (refused by name at construction): several pair loss types at once, ``loss_weights`` other
+  than ``[1.0]`` / ``[1.0, w]`` with ``"sft"``, ``ld_alpha``,
   ``f_divergence_type`` other than ``reverse_kl``, ``use_weighting``, ``label_smoothing`` with ``ipo``,
   ``sync_ref_model`` with ``simpo`` (which loads no reference model at all).
 * Examples whose chosen or rejected row would have no scored completion token (empty, or truncated away by
@@ -37,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import types
 import warnings
@@ -98,8 +107,9 @@ class AlphaDPOConfig(DPOConfig):
 
     loss_type: list[str] = field(
         default_factory=lambda: ["alpha_dpo"],
-        metadata={"help": "Loss: 'alpha_dpo' (α-DPO, default), 'simpo', 'sigmoid' (DPO) or 'ipo'. One only.",
-                  "choices": [*LOSS_TYPES, "alpha-dpo", "dpo"]},
+        metadata={"help": "Loss: 'alpha_dpo' (α-DPO, default), 'simpo', 'sigmoid' (DPO) or 'ipo'. One only, "
+                  "optionally with 'sft' (TRL's NLL term on the chosen responses, weighted by loss_weights).",
+                  "choices": [*LOSS_TYPES, "alpha-dpo", "dpo", "sft"]},
     )
     beta: float | None = field(
         default=None,
@@ -132,9 +142,26 @@ class AlphaDPOConfig(DPOConfig):
     def __post_init__(self):
         if isinstance(self.loss_type, str):
             self.loss_type = [self.loss_type]
-        if len(self.loss_type) != 1:
-            raise ValueError(f"loss_type: AlphaDPOConfig takes one loss type among {', '.join(LOSS_TYPES)}; got "
+        self.loss_type = list(self.loss_type)
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(f"loss_weights: {len(self.loss_weights)} weights for {len(self.loss_type)} loss types "
                              f"{self.loss_type}")
+        weights = list(self.loss_weights) if self.loss_weights is not None else [1.0] * len(self.loss_type)
+        sft_weight = None
+        if "sft" in self.loss_type and len(self.loss_type) == 2:  # TRL's NLL term, weighted by its loss_weights entry
+            sft_weight = weights.pop(self.loss_type.index("sft"))
+            self.loss_type.remove("sft")
+        if len(self.loss_type) != 1:
+            given = self.loss_type if sft_weight is None else [*self.loss_type, "sft"]
+            raise ValueError(f"loss_type: AlphaDPOConfig takes one loss type among {', '.join(LOSS_TYPES)}, "
+                             f"optionally with 'sft'; got {given}")
+        if weights[0] != 1.0:
+            raise ValueError(f"loss_weights: the weight of {self.loss_type[0]!r} must be 1 (got {weights[0]}); only "
+                             "the 'sft' term takes another weight. Use trl.DPOTrainer for other combinations")
+        if sft_weight is not None and not (isinstance(sft_weight, (int, float)) and math.isfinite(sft_weight)
+                                           and sft_weight >= 0):
+            raise ValueError(f"loss_weights: the 'sft' weight must be a finite number >= 0, got {sft_weight!r}")
+        self.loss_weights = None if sft_weight is None else [1.0, float(sft_weight)]
         try:
             loss = canonical_loss_type(self.loss_type[0])
         except ValueError:
@@ -152,7 +179,6 @@ class AlphaDPOConfig(DPOConfig):
         if self.kernel_memory not in ("fast", "lean"):
             raise ValueError(f"kernel_memory must be 'fast' or 'lean'; got {self.kernel_memory!r}")
         refused = {
-            "loss_weights": self.loss_weights not in (None, [1.0], [1]),
             "ld_alpha": self.ld_alpha is not None,
             "f_divergence_type": self.f_divergence_type != "reverse_kl",
             "use_weighting": bool(self.use_weighting),
@@ -161,8 +187,14 @@ class AlphaDPOConfig(DPOConfig):
         bad = [name for name, is_set in refused.items() if is_set]
         if bad:
             raise ValueError(f"AlphaDPOConfig does not support {', '.join(bad)}: unset it, or use trl.DPOTrainer")
+        self.loss_type = [loss] if sft_weight is None else [loss, "sft"]  # the pair loss first, then 'sft'
         super().__post_init__()
-        self.loss_type = [loss]  # DPOConfig keeps a list; ours holds exactly one
+        self.loss_type = [loss] if sft_weight is None else [loss, "sft"]
+
+    @property
+    def nll_weight(self) -> float:
+        """The weight of TRL's ``"sft"`` term (0 without it): ``FusedAlphaDPOLoss``'s ``nll_weight``."""
+        return self.loss_weights[1] if len(self.loss_type) == 2 else 0.0
 
 
 @dataclass
@@ -245,6 +277,19 @@ def add_alphadpo_head(model: torch.nn.Module) -> None:
     model._alphadpo_head = True
 
 
+def _disable_dropout_rates(model: torch.nn.Module) -> None:
+    """Zero the dropout rates that modules and the config hold as floats (``attention_dropout``, ``*_pdrop``, ...):
+    attention implementations read them in train mode, and TRL's ``disable_dropout_in_model`` resets only
+    ``nn.Dropout`` modules."""
+    config = getattr(model, "config", None)
+    for obj in [*model.modules(), *([config] if config is not None else [])]:
+        if isinstance(obj, torch.nn.Dropout):
+            obj.p = 0.0
+        for name, value in list(vars(obj).items()):
+            if ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float):
+                setattr(obj, name, 0.0)
+
+
 def _verifiable(model) -> bool:
     """The one-time head check needs the weights: not under ZeRO-3 partitioning (empty parameters) nor on the meta
     device (FSDP's low-memory loading on ranks other than 0)."""
@@ -274,6 +319,8 @@ def _patch_alongside_trl(trainer: "AlphaDPOTrainer"):
     def add_both(model, *args, **kwargs):
         add_fused(model, *args, **kwargs)
         add_alphadpo_head(model)
+        if trainer.args.disable_dropout:  # TRL reset the nn.Dropout modules; the attention rates are floats
+            _disable_dropout_rates(model)
         if trainer.args.verify_lm_head and _verifiable(model):
             verify_head(model)
 
@@ -318,7 +365,7 @@ class AlphaDPOTrainer(DPOTrainer):
         self.alphadpo_loss = FusedAlphaDPOLoss(
             beta=args.beta, gamma_beta_ratio=args.gamma_beta_ratio, alpha=args.alpha, loss_type=loss,
             ema_momentum=args.ema_momentum, average_log_prob=args.average_log_prob, shift=True,
-            label_smoothing=args.label_smoothing)
+            label_smoothing=args.label_smoothing, nll_weight=args.nll_weight)
         options = None
         if args.kernel_memory != "fast" or args.kernel_memory_budget_mb is not None:
             options = LogpsOptions(memory=args.kernel_memory, memory_budget_mb=args.kernel_memory_budget_mb)
@@ -426,7 +473,11 @@ class AlphaDPOTrainer(DPOTrainer):
         ref_chosen, ref_rejected = self._reference(model_kwargs, labels, inputs)
 
         self.alphadpo_loss.train(mode == "train")  # the margin statistics move in training only
-        out = self.alphadpo_loss.loss_from_logps(chosen_logps, rejected_logps, ref_chosen, ref_rejected)
+        counts = None
+        if self.alphadpo_loss.nll_weight:  # scored chosen tokens: a label is scored from the position before it
+            counts = inputs["completion_mask"][:, 1:].sum(1).chunk(2, dim=0)[0]
+        out = self.alphadpo_loss.loss_from_logps(chosen_logps, rejected_logps, ref_chosen, ref_rejected,
+                                                 chosen_token_counts=counts)
         loss = out.loss
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
@@ -455,6 +506,8 @@ class AlphaDPOTrainer(DPOTrainer):
         metrics["logps/chosen"].append(gather(out.chosen_logps).mean().item())
         metrics["logps/rejected"].append(gather(out.rejected_logps).mean().item())
         metrics["nonfinite_pairs"].append(gather(out.metrics["nonfinite_pairs"].reshape(1)).sum().item())
+        if "nll_loss" in out.metrics:  # TRL's "sft" term, unweighted (old TRL's name for it)
+            metrics["nll_loss"].append(gather(out.metrics["nll_loss"].reshape(1)).mean().item())
         if out.margin_mean is not None:  # α-DPO: the same on every rank (gathered before the update)
             metrics["margin_mean"].append(float(out.margin_mean))
             metrics["margin_std"].append(float(out.margin_std))

@@ -15,6 +15,7 @@ per-pair losses and the detached rewards that the released trainer logs. With ``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +68,7 @@ def alpha_dpo_head(
     label_smoothing: float = 0.0,
     process_group=None,
 ) -> PreferenceHeadOutput:
-    """α-DPO with the adaptive margin (SPEC §1). ``margin_mean`` / ``margin_std`` are the running ``c1, c2``
+    """α-DPO with the adaptive margin (docs/design.md §1). ``margin_mean`` / ``margin_std`` are the running ``c1, c2``
     (``[1]``); the returned ones are the updated values (equal to the inputs when ``update_stats=False``)."""
     pi_logratios = policy_chosen_logps - policy_rejected_logps
     ref_logratios = ref_chosen_logps - ref_rejected_logps
@@ -117,6 +118,31 @@ def ipo_head(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     losses = (z - 1 / (2 * beta)) ** 2
     return PreferenceHeadOutput(losses, *_reference_rewards(
         beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps))
+
+
+def check_nll_weight(nll_weight) -> float:
+    """``nll_weight`` as a float: a finite number ``≥ 0`` (0 switches the NLL term off)."""
+    if isinstance(nll_weight, bool) or not isinstance(nll_weight, (int, float)) or not math.isfinite(nll_weight) \
+            or nll_weight < 0:
+        raise ValueError(f"nll_weight must be a finite number >= 0, got {nll_weight!r}")
+    return float(nll_weight)
+
+
+def chosen_nll(chosen_logps: torch.Tensor, chosen_token_counts: torch.Tensor, *,
+               average_log_prob: bool) -> torch.Tensor:
+    """The negative log-likelihood of the chosen responses, token-averaged over the batch: ``−Σ logp / Σ n`` over
+    every scored chosen token, i.e. ``F.cross_entropy(logits, labels, reduction="mean")`` over the chosen tokens
+    only. It is TRL's ``loss_type="sft"`` term (``−per_token_logps[chosen_mask].mean()``, local to the micro-batch
+    like the pair loss), old TRL's ``rpo_alpha`` NLL and Liger's ``compute_nll_loss`` (cross-entropy summed over
+    the chosen tokens, divided by their number).
+
+    ``chosen_logps`` ``[P]`` are the per-sequence log-probs the fused op returned (means when ``average_log_prob``,
+    else sums) and ``chosen_token_counts`` ``[P]`` the number of scored tokens of each: the sum over tokens is
+    ``mean · n``, so the term's gradient flows through the same op call as the pair loss (no second pass over the
+    vocabulary)."""
+    counts = chosen_token_counts.to(chosen_logps.dtype)
+    sums = chosen_logps * counts if average_log_prob else chosen_logps
+    return -sums.sum() / counts.sum()
 
 
 def preference_metrics(
