@@ -152,7 +152,8 @@ def shift_packed_labels(labels: torch.Tensor, last: torch.Tensor, ignore_index: 
 
 def prepare_sequence_inputs(hidden, weight, labels, bias, *, ignore_index: int, softcap: float | None,
                             logit_scale: float, shift: bool, cu_seqlens: torch.Tensor | None, check_values: bool,
-                            prefix: str = "", checks: ValueChecks | None = None):
+                            prefix: str = "", checks: ValueChecks | None = None, cp_group=None, tp_group=None,
+                            vocab_start: int | None = None):
     """Validate the op's inputs, padded or packed (``prefix``: ``"ref_"`` for a reference head's), and lay them out:
     returns ``(hidden, labels, seg, n_seq)`` with packed input flattened to ``[N, H]`` / ``[N]``, labels shifted
     when ``shift``, ``seg`` each packed token's sequence (None when padded) and the number of sequences.
@@ -161,7 +162,15 @@ def prepare_sequence_inputs(hidden, weight, labels, bias, *, ignore_index: int, 
     here, or, when ``checks`` is given, by its owner together with its other checks (a loss call: one sync for all).
     Inside a loss call (``_validation.prepared_once``) the result is remembered by the arguments' identity: the op
     the loss calls next reuses it instead of validating and laying out the same inputs again, and a reference
-    head on the same labels reuses their layout."""
+    head on the same labels reuses their layout. With ``cp_group`` / ``tp_group``: parallel.py's checks (global
+    vocabulary, the ranks' agreement)."""
+    if cp_group is not None or tp_group is not None:
+        from .parallel import prepare_parallel_inputs
+
+        return prepare_parallel_inputs(
+            hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale,
+            shift=shift, cu_seqlens=cu_seqlens, check_values=check_values, prefix=prefix, checks=checks,
+            cp_group=cp_group, tp_group=tp_group, vocab_start=vocab_start)[:4]
     key = ("prepared", hidden, weight, labels, bias, cu_seqlens, ignore_index, softcap, logit_scale, shift)
     done = recall(key)
     if done is not None and (done[0] or not check_values):  # validated in this loss call already
@@ -212,6 +221,9 @@ def fused_sequence_logps(
     backend: Backend = "auto",
     check_values: bool = True,
     options: LogpsOptions | None = None,
+    cp_group=None,
+    tp_group=None,
+    vocab_start: int | None = None,
 ) -> torch.Tensor:
     """Per-sequence log-probability of the labelled tokens, fused with the LM head.
 
@@ -241,10 +253,38 @@ def fused_sequence_logps(
         options: memory mode (``memory="fast"`` or ``"lean"``), scratch budget, Triton block sizes
             (:class:`LogpsOptions`). Block sizes left at None come from the autotune cache for this card and
             shape, else from the architecture's starting point.
+        cp_group: context parallelism: this rank holds its own tokens of every sequence (``[rows, T_local, H]``
+            in any order, e.g. torch's head-tail layout; or packed with this rank's ``cu_seqlens``, where a
+            sequence may hold no local token), labels shifted before sharding (``shift=True`` is refused). The
+            result is the whole sequences' log-probs on every cp rank; ``dH`` covers this rank's tokens and
+            ``dW`` is their share (the sum over cp is the full ``dW``). See "Parallelism" below.
+        tp_group: vocabulary parallelism (a process group or 1-D DeviceMesh): ``weight`` (and ``bias``) hold this
+            rank's rows of the head, either a DTensor sharded ``Shard(0)`` over that group (transformers'
+            ``tp_plan``) or a plain local shard starting at ``vocab_start`` (default: the sum of the shard sizes
+            on lower tp ranks, one all-gather; with torch's chunking ``rank · ceil(V / tp)``). Every tp rank holds
+            the same hidden states and labels (global ids); every tp rank gets the full ``dH``, and ``dW`` /
+            ``db`` of its own rows.
+
+    Parallelism:
+        The log-probs are the same numbers as one process on the whole sequences and the whole head. Collectives
+        per call: cp, one all-reduce of ``[rows, 2]`` float32; tp, all-reduces of ``[N]`` (MAX) and ``[2, N]``
+        (SUM) float32 in the forward and of ``dH`` ``[N, H]`` in the backward. With ``check_values`` the ranks
+        also agree on their inputs first (an all-gather and a one-element all-reduce per group), and a sequence
+        with no live label on any cp rank is an error. **Scaling for FSDP:** under cp each rank's ``dW`` is a
+        partial sum, while FSDP2 *averages* gradients over its ``dp_shard_cp`` mesh: multiply the loss by
+        ``cp_size`` before ``backward()`` (as transformers' Trainer and Megatron do) so the average is the sum
+        over cp and the mean over data-parallel ranks. See docs/parallel.md.
 
     Returns:
         ``[rows]`` (packed: ``[S]``) float32 log-probs.
     """
+    if cp_group is not None or tp_group is not None:
+        from .parallel import parallel_sequence_logps
+
+        return parallel_sequence_logps(
+            hidden, weight, labels, bias=bias, ignore_index=ignore_index, average=average, softcap=softcap,
+            logit_scale=logit_scale, shift=shift, cu_seqlens=cu_seqlens, backend=backend, check_values=check_values,
+            options=options, cp_group=cp_group, tp_group=tp_group, vocab_start=vocab_start)
     hidden, labels, seg, n_seq = prepare_sequence_inputs(
         hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale,
         shift=shift, cu_seqlens=cu_seqlens, check_values=check_values)
