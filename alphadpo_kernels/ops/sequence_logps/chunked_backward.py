@@ -132,7 +132,7 @@ def plan_backward(n_live: int, n_tok: int, vocab: int, hdim: int, itemsize: int,
     return BackwardPlan(order, passes, n_live, vocab, hdim, vc, tc, vc2, budget)
 
 
-def _write_rows(dh: torch.Tensor, acc: torch.Tensor, live_idx: torch.Tensor | None, ts: int, block: int) -> None:
+def write_rows(dh: torch.Tensor, acc: torch.Tensor, live_idx: torch.Tensor | None, ts: int, block: int) -> None:
     """``dh[rows of live tokens ts..] = acc`` in dh's dtype; through a temporary of at most ``block`` rows."""
     if live_idx is None:
         dh[ts:ts + acc.shape[0]].copy_(acc)
@@ -186,7 +186,7 @@ def chunked_backward(hidden2d: torch.Tensor, weight: torch.Tensor, bias: torch.T
                 torch.empty(n, hdim, dtype=torch.float32, device=dev)
             _vocab_pass(plan, hc, weight, tgt, lse_c, g_c, producer, dw=dw, acc_h=acc_h, db=db)
             if acc_h is not dh:
-                _write_rows(dh, acc_h, live_idx, 0, rows_block)
+                write_rows(dh, acc_h, live_idx, 0, rows_block)
                 del acc_h
         elif plan.order == "token-outer":
             # a float32 dW is its own accumulator
@@ -268,4 +268,4 @@ def _token_pass(plan, hc, weight, tgt, lse, g, producer, *, dh, live_idx, acc_w,
             if acc_w is not None:
                 addmm_f32(acc_w[vs:ve], dz.T, hct)
         if acc is not None and not direct:
-            _write_rows(dh, acc, live_idx, ts, rows_block)
+            write_rows(dh, acc, live_idx, ts, rows_block)

@@ -5,6 +5,8 @@ this path folds each ``[BLOCK_M, BLOCK_N]`` tile into ``dH`` and ``dW`` itself, 
 the slow shape when nothing is skipped (docs/design.md §2: about ``N·H·V·(1/BLOCK_N + 1/BLOCK_M)`` float adds through
 L2), so it only runs when skipping is asked for; the default backward is chunked_backward.py.
 
+Only live tokens take part: their hidden rows are gathered (into dH's own buffer) as chunked_backward.py does, so
+the float32 dH accumulator holds live rows only and the path keeps the fast mode's memory bound.
 The launcher walks the vocabulary in chunks (``chunk_vocab`` rows, else what the memory budget allows), one
 launch each, so that the float32 ``dW`` accumulator is one chunk, cast into the weight's dtype before the next
 launch; ``dH`` is one float32 ``[N, H]`` buffer across launches. Within a launch the grid is (token blocks ×
@@ -31,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunked_backward import PER_TOKEN_BYTES, write_rows
 from .instrument import record_gemm
 from .options import LogpsOptions
 from .triton_common import as_operand, check_triton_device, dot, dot_flags, grad_logit_tile, grouped_tile, launch_device, logit_tile
@@ -115,14 +118,28 @@ def skip_backward(hidden2d, weight, bias, targets, lse, g, opts: LogpsOptions, n
     opts = resolve_blocks(opts, hidden2d.device, hidden2d.dtype, hdim, vocab)
     tiles = skip_tiles(opts, hidden2d.element_size(), weight.element_size(), arch_major(hidden2d.device))
     dev = hidden2d.device
-    g = g.float().contiguous()
-    dh = torch.zeros(n_tok, hdim, dtype=torch.float32, device=dev) if need_dh else None
+    # Only live tokens take part, gathered as chunked_backward.py does (its one host sync: the live count sizes
+    # the buffers): the float32 dH accumulator then holds N_live rows, not N, and dead rows are never read.
+    live_idx = (targets >= 0).nonzero().squeeze(1)
+    n = live_idx.numel()
+    dh = torch.empty(n_tok, hdim, dtype=hidden2d.dtype, device=dev) if need_dh else None
     dw = torch.empty_like(weight) if need_dw else None
     db = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_db else None
+    if n == 0:
+        return (dh.zero_() if need_dh else None), (dw.zero_() if need_dw else None), db
+    compact = n < n_tok
+    if compact:  # the live rows go into dH's own buffer (part of the floor), as in chunked_backward
+        hc = (dh if need_dh else torch.empty(n, hdim, dtype=hidden2d.dtype, device=dev))[:n]
+        torch.index_select(hidden2d, 0, live_idx, out=hc)
+        tgt, lse_c, g_c = targets[live_idx], lse[live_idx].contiguous(), g[live_idx].float()
+    else:
+        hc, tgt, lse_c, g_c = hidden2d, targets.contiguous(), lse.contiguous(), g.float().contiguous()
+    acc_h = torch.zeros(n, hdim, dtype=torch.float32, device=dev) if need_dh else None
     # rows of the float32 dW chunk: what the budget holds, whole tiles
     bn = tiles["BLOCK_N"]
-    chunk = opts.chunk_vocab or max(bn, opts.budget_bytes() // (4 * hdim))
-    chunk = min(-(-chunk // bn) * bn, -(-vocab // bn) * bn)
+    # (the per-token vectors of the backward come out of the same budget, as in chunked_backward)
+    chunk = opts.chunk_vocab or max(bn, (opts.budget_bytes() - PER_TOKEN_BYTES * n_tok) // (4 * hdim))
+    chunk = min(max(bn, chunk // bn * bn), -(-vocab // bn) * bn)  # whole tiles, within the budget
     dw_acc = torch.empty(min(chunk, vocab), hdim, dtype=torch.float32, device=dev) if need_dw else None
     flags = dot_flags(hidden2d.dtype, dev)
     eps = opts.filter_threshold(hidden2d.dtype)
@@ -132,14 +149,14 @@ def skip_backward(hidden2d, weight, bias, targets, lse, g, opts: LogpsOptions, n
         if need_dw:
             acc = dw_acc[: ve - vs]
             acc.zero_()
-        grid = (triton.cdiv(n_tok, tiles["BLOCK_M"]) * triton.cdiv(ve - vs, bn),)
-        record_gemm("triton:skip_backward", n_tok, ve - vs, hdim * (1 + need_dh + need_dw))
+        grid = (triton.cdiv(n, tiles["BLOCK_M"]) * triton.cdiv(ve - vs, bn),)
+        record_gemm("triton:skip_backward", n, ve - vs, hdim * (1 + need_dh + need_dw))
         with launch_device(hidden2d):
             _skip_backward_kernel[grid](
-                hidden2d, w_c, bias[vs:ve] if bias is not None else w_c, targets, lse, g,
-                dh if need_dh else lse, acc if need_dw else lse, db[vs:ve] if need_db else lse,
-                skip_count if skip_count is not None else targets,
-                n_tok, ve - vs, vs, hdim, hidden2d.stride(0), hidden2d.stride(1), weight.stride(0), weight.stride(1),
+                hc, w_c, bias[vs:ve] if bias is not None else w_c, tgt, lse_c, g_c,
+                acc_h if need_dh else lse_c, acc if need_dw else lse_c, db[vs:ve] if need_db else lse_c,
+                skip_count if skip_count is not None else tgt,
+                n, ve - vs, vs, hdim, hc.stride(0), hc.stride(1), weight.stride(0), weight.stride(1),
                 float(opts.softcap or 1.0), float(opts.logit_scale), float(eps or 0.0),
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None,
                 FILTER=eps is not None, COUNT_SKIPS=skip_count is not None,
@@ -148,6 +165,11 @@ def skip_backward(hidden2d, weight, bias, targets, lse, g, opts: LogpsOptions, n
             )
         if need_dw:
             dw[vs:ve].copy_(acc)
-    if need_dh and dh.dtype != hidden2d.dtype:
-        dh = dh.to(hidden2d.dtype)
+    acc = dw_acc = None  # released before dH's rows are written: the chunk must not add to that peak
+    if need_dh:
+        if compact:
+            write_rows(dh, acc_h, live_idx, 0, max(1, opts.budget_bytes() // 4 // (hdim * dh.element_size())))
+            dh.masked_fill_((targets < 0)[:, None], 0.0)  # rows of dead tokens still hold gathered hidden states
+        else:
+            dh.copy_(acc_h)
     return dh, dw, db
