@@ -118,6 +118,9 @@ def main(path):
     if rank == 0:
         with open(path, "w") as f:
             json.dump({"ok": not errors, "errors": errors}, f)
+    # every rank reaches the end before any tears its process group down: a rank that exits while the other is
+    # still in a collective makes gloo abort it ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 

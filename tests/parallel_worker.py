@@ -396,6 +396,9 @@ def main(mode, out):
     with open(f"{out}.rank{rank}.json", "w") as f:
         json.dump({"ok": not ERRORS and CHECKS[0] > 0, "errors": ERRORS, "checks": CHECKS[0],
                    "seconds": time.time() - t0}, f)
+    # every rank reaches the end before any tears its process group down: a rank that exits while the other is
+    # still in a collective makes gloo abort it ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 

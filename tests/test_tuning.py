@@ -89,7 +89,8 @@ def test_public_op_reads_the_cache(tmp_path, monkeypatch):
 def test_arch_defaults_are_valid_options():
     for fields in tuning.ARCH_DEFAULTS.values():
         LogpsOptions(**fields)
-    for kernel, prefix in (("forward", "fwd_"), ("backward", "bwd_")):
-        for fields in tuning.CANDIDATES[kernel]:
-            LogpsOptions(**fields)
-            assert all(k.startswith(prefix) for k in fields)  # a candidate configures its own kernel only
+    for per_kernel in tuning.CANDIDATES.values():
+        for kernel, prefix in (("forward", "fwd_"), ("backward", "bwd_")):
+            for fields in per_kernel[kernel]:
+                LogpsOptions(**fields)
+                assert all(k.startswith(prefix) for k in fields)  # a candidate configures its own kernel only
