@@ -109,6 +109,7 @@ def _run_cli(monkeypatch, capsys, tmp_path, args):
     (["--num-train-epochs", "0"], "num_train_epochs must be in (0, inf)"),
     (["--max-grad-norm", "-1"], "max_grad_norm must be in [0, inf)"),
     (["--seed", "-1"], "seed must be in [0, 2**32)"),
+    (["--nll-weight", "-0.5"], "nll_weight must be a finite number >= 0"),
     (["--max-prompt-length", "0"], "max_prompt_length must be at least 1"),
     (["--eval-fraction", "0.2"], "eval_fraction does not apply to --demo"),
     (["--eval-fraction", "1"], "eval_fraction must be in [0, 1)"),

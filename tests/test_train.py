@@ -117,6 +117,20 @@ def test_demo_learns_and_writes_its_files(tmp_path):
     assert not (tmp_path / "checkpoint-40").exists()  # the end writes the model only, unless --save-final-state
 
 
+def test_the_nll_term_is_trained_and_logged(tmp_path):
+    """--nll-weight adds the chosen responses' NLL (TRL's 'sft' term) from the same fused pass: logged as
+    train/nll_loss, and the loss is the pair loss plus the weighted term."""
+    main(DEMO + ["--max-steps", "2", "--eval-steps", "100", "--logging-steps", "1", "--nll-weight", "0.5",
+                 "--output-dir", str(tmp_path / "nll")])
+    main(DEMO + ["--max-steps", "2", "--eval-steps", "100", "--logging-steps", "1", "--output-dir",
+                 str(tmp_path / "plain")])
+    nll = [json.loads(x) for x in open(tmp_path / "nll" / "metrics.jsonl") if "train/loss" in x]
+    plain = [json.loads(x) for x in open(tmp_path / "plain" / "metrics.jsonl") if "train/loss" in x]
+    first, base = nll[0], plain[0]  # step 1: same weights, same batch
+    assert first["train/nll_loss"] > 0
+    assert abs(first["train/loss"] - (base["train/loss"] + 0.5 * first["train/nll_loss"])) < 1e-4 * first["train/loss"]
+
+
 def test_resume_continues_exactly(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     main(DEMO + ["--save-steps", "10", "--save-total-limit", "3", "--output-dir", str(full)])

@@ -53,6 +53,8 @@ class TrainConfig:
     alpha: float = _f(0.2, "α, the weight of the adaptive margin (α-DPO; 0 is SimPO)")
     ema_momentum: float = _f(0.9, "momentum of α-DPO's running margin statistics")
     label_smoothing: float = _f(0.0, "label smoothing of the sigmoid losses")
+    nll_weight: float = _f(0.0, "weight of the NLL (RPO) term on the chosen responses, from the same fused pass: "
+                                "TRL's 'sft' loss weight, old TRL's rpo_alpha (0: off)")
     average_log_prob: bool = _f(True, "length-normalised log-probs (true in every released config)")
     reference_mode: str = _f("precompute", "reference log-probs computed once over the training batches and cached, "
                                            "or each step", ("precompute", "online"))
@@ -81,6 +83,15 @@ class TrainConfig:
     padding_free: bool = _f(False, "pack each micro-batch's sequences into one row (position_ids restart; no padding)")
     memory: str = _f("fast", "the fused loss's backward: fast (4 GEMM units) or lean (5 units, <= 1.1 x its "
                              "gradients)", ("fast", "lean"))
+    # LoRA (PEFT's and TRL's names)
+    lora_r: int = _f(0, "LoRA rank (PEFT's r, TRL's lora_r); 0 trains every weight. With LoRA the reference is the "
+                        "base model with the adapters switched off (no second copy), and only the adapters are saved "
+                        "(needs peft)")
+    lora_alpha: float = _f(32.0, "LoRA scaling numerator (PEFT's lora_alpha; the update is scaled by alpha / r)")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA branch, in [0, 1) (every other dropout stays off)")
+    lora_target_modules: str | None = _f(None, "modules that get adapters: comma-separated names (q_proj,v_proj) or "
+                                               "all-linear (default: PEFT's choice for the architecture); never the "
+                                               "LM head, which the fused loss reads whole")
     # bookkeeping
     logging_steps: int = _f(5, "log the means over every this-many optimizer steps (as the released runs)")
     eval_steps: int = _f(400, "evaluate every this-many optimizer steps (as the released runs)")
@@ -133,8 +144,39 @@ class TrainConfig:
         if self.resume and self.resume != "latest" and not os.path.isdir(self.resume):
             raise ConfigError(f"resume {self.resume!r}: no such checkpoint folder (or pass 'latest')")
         self._check_loss()
+        self._check_lora()
         self._check_machine()
         return self
+
+    def _check_lora(self) -> None:
+        if self.lora_r < 0:
+            raise ConfigError(f"lora_r must be at least 0 (0: no LoRA), got {self.lora_r}")
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"lora_alpha must be positive, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if self.lora_r == 0:
+            changed = [n for n in ("lora_alpha", "lora_dropout", "lora_target_modules")
+                       if getattr(self, n) != defaults[n]]
+            if changed:
+                raise ConfigError(f"{', '.join(changed)} set without lora_r: pass --lora-r (a rank > 0) to train "
+                                  "LoRA adapters")
+            return
+        targets = [t.strip() for t in (self.lora_target_modules or "").split(",") if t.strip()]
+        if self.lora_target_modules is not None and not targets:
+            raise ConfigError("lora_target_modules is empty: give module names (q_proj,v_proj) or all-linear")
+        if any(t.rsplit(".", 1)[-1] in ("lm_head", "embed_out", "output") for t in targets):
+            raise ConfigError("lora_target_modules must not include the LM head: the fused loss reads the head's "
+                              "weight whole (it stays frozen under LoRA)")
+        if self.ref_model_name_or_path:
+            raise ConfigError("ref_model_name_or_path does not apply with LoRA: the reference is the base model with "
+                              "the adapters switched off")
+        if launched_plugin() is not None:
+            raise ConfigError(f"LoRA under accelerate's {launched_plugin()} plugin is not supported yet: run it on "
+                              "one process or plain data parallel")
+        if importlib.util.find_spec("peft") is None:
+            raise ConfigError("lora_r > 0 needs peft (pip install peft)")
 
     def _check_ranges(self) -> None:
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -171,6 +213,8 @@ class TrainConfig:
             LogpsOptions(memory=self.memory)
         except (ValueError, TypeError) as exc:
             raise ConfigError(str(exc).splitlines()[0]) from exc
+        if not (math.isfinite(self.nll_weight) and self.nll_weight >= 0):
+            raise ConfigError(f"nll_weight must be a finite number >= 0, got {self.nll_weight}")
         if self.loss_type == "ipo" and self.label_smoothing > 0:
             raise ConfigError("label_smoothing applies to the -log sigmoid losses (alpha_dpo, simpo, sigmoid), "
                               "not to ipo")
@@ -193,9 +237,33 @@ class TrainConfig:
                 why = ("the CUDA extension alphadpo_kernels._C_cuda was not built" if not have["cuda_epilogue"]
                        else "no CUDA device is available here")
                 raise ConfigError(f"backend 'cublas' cannot run: {why}; use --backend auto or torch")
+        plugin = launched_plugin()
+        if plugin == "fsdp":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("accelerate's FSDP plugin needs GPUs (accelerate enables FSDP only for GPU "
+                                  "process groups; on a CPU it would run independent copies of the job): launch "
+                                  "plain data parallel (torchrun / accelerate launch without FSDP) or DeepSpeed")
+        if plugin == "deepspeed":
+            if importlib.util.find_spec("deepspeed") is None:
+                raise ConfigError("this run was launched with DeepSpeed (accelerate's DEEPSPEED config), but deepspeed "
+                                  "is not installed: pip install deepspeed")
+            if self.weights_dtype != "fp32" or self.optimizer != "adamw":
+                raise ConfigError("under DeepSpeed keep --weights-dtype fp32 and --optimizer adamw: the ZeRO optimizer "
+                                  "already keeps float32 master weights and Adam states, and computes in bf16 with "
+                                  "accelerate's mixed_precision bf16")
         if self.optimizer == "adamw_kahan" and importlib.util.find_spec("optimi") is None:
             raise ConfigError("optimizer 'adamw_kahan' needs torch-optimi (pip install torch-optimi, or the "
                               "package's [train] extra)")
+
+
+def launched_plugin() -> str | None:
+    """``"deepspeed"`` or ``"fsdp"`` when ``accelerate launch`` (its environment variables) asks for that plugin."""
+    for name, var in (("deepspeed", "ACCELERATE_USE_DEEPSPEED"), ("fsdp", "ACCELERATE_USE_FSDP")):
+        if os.environ.get(var, "false").strip().lower() in ("1", "true", "yes"):
+            return name
+    return None
 
 
 _KIND = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}

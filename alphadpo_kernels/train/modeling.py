@@ -160,6 +160,18 @@ def head_logps(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, **k
     return call_through_head(model, fused, hidden, labels)
 
 
+def scored_token_counts(labels: torch.Tensor, cu_seqlens: torch.Tensor | None, ignore_index: int,
+                        shift: bool) -> torch.Tensor:
+    """``[2P]`` scored tokens of each sequence (a label is scored from the position before it when ``shift``):
+    padded ``labels`` ``[2P, T]``, or packed ``[1, N]`` / ``[N]`` with ``cu_seqlens`` ``[2P + 1]``."""
+    if cu_seqlens is None:
+        return (labels[:, 1:] if shift else labels).ne(ignore_index).sum(1)
+    live = labels.reshape(-1).ne(ignore_index).long()
+    total = torch.cat([live.new_zeros(1), live.cumsum(0)])
+    cu = cu_seqlens.to(device=labels.device, dtype=torch.long)
+    return total[cu[1:]] - total[cu[:-1] + int(shift)]
+
+
 class PreferenceModel(nn.Module):
     """Policy + fused loss as one module, so that DDP / FSDP / DeepSpeed wrap (and checkpoint) both.
 
@@ -175,6 +187,8 @@ class PreferenceModel(nn.Module):
         self.policy = policy
         self.loss_fn = loss_fn
         self.backend = backend
+        # what accelerate's FSDP auto-wrap (TRANSFORMER_BASED_WRAP) shards separately: the policy's decoder layers
+        self._no_split_modules = getattr(policy, "_no_split_modules", None)
         scale, softcap = head_transform_of(policy)
         if loss_fn.softcap is None:
             loss_fn.softcap = softcap
@@ -182,22 +196,38 @@ class PreferenceModel(nn.Module):
             loss_fn.logit_scale = scale
 
     def forward(self, batch: dict, ref_model: nn.Module | None = None) -> AlphaDPOOutput:
-        ref_kwargs = {}
+        ref_c = ref_r = None
         if "ref_chosen_logps" in batch:
-            ref_kwargs = dict(ref_chosen_logps=batch["ref_chosen_logps"], ref_rejected_logps=batch["ref_rejected_logps"])
+            ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         elif ref_model is not None:
             with torch.no_grad():
                 ref = ref_model(batch).float()
             p = ref.shape[0] // 2
-            ref_kwargs = dict(ref_chosen_logps=ref[:p], ref_rejected_logps=ref[p:])
+            ref_c, ref_r = ref[:p], ref[p:]
         hidden = last_hidden_states(self.policy, batch["input_ids"], batch.get("attention_mask"),
                                     batch.get("position_ids"))
-        packed = {"cu_seqlens": batch["cu_seqlens"]} if "cu_seqlens" in batch else {}
+        logps = self.sequence_logps(hidden, batch["labels"], batch.get("cu_seqlens"))
+        pairs = logps.shape[0] // 2
+        counts = (scored_token_counts(batch["labels"], batch.get("cu_seqlens"), self.loss_fn.ignore_index,
+                                      self.loss_fn.shift)[:pairs] if self.loss_fn.nll_weight else None)
+        return self.loss_fn.loss_from_logps(logps[:pairs], logps[pairs:], ref_c, ref_r, chosen_token_counts=counts)
+
+    def sequence_logps(self, hidden: torch.Tensor, labels: torch.Tensor,
+                       cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """``[2P]`` policy log-probs from the fused op, run as the LM head module's call, which returns them as a
+        plain tensor: DeepSpeed ZeRO-3 registers its pre-backward hook (the re-gather of a partitioned head weight
+        for the backward) only on tensors found in a module's outputs, so the head call must not return the loss's
+        output dataclass. The loss on these log-probs is computed outside the head call (``loss_from_logps``)."""
+        loss_fn = self.loss_fn
 
         def fused(weight, bias, hidden, labels):
-            return self.loss_fn(hidden, weight, labels, bias=bias, backend=self.backend, **ref_kwargs, **packed)
+            return fused_sequence_logps(hidden, weight, labels, bias=bias, ignore_index=loss_fn.ignore_index,
+                                        average=loss_fn.average_log_prob, softcap=loss_fn.softcap,
+                                        logit_scale=loss_fn.logit_scale, shift=loss_fn.shift, backend=self.backend,
+                                        options=loss_fn.options, cu_seqlens=cu_seqlens,
+                                        check_values=loss_fn.check_values)
 
-        return call_through_head(self.policy, fused, hidden, batch["labels"])
+        return call_through_head(self.policy, fused, hidden, labels)
 
 
 @torch.no_grad()

@@ -31,13 +31,22 @@ class ReferenceModel(nn.Module):
     """``forward(batch) -> [2P]`` reference log-probs: one module whose call is the whole computation, so that
     FSDP / ZeRO-3 hooks gather what it needs."""
 
-    def __init__(self, model: nn.Module, loss_fn, backend: str = "auto"):
+    def __init__(self, model: nn.Module, loss_fn, backend: str = "auto", adapters_off: bool = False):
         super().__init__()
-        self.model, self.backend = model, backend
+        self.model, self.backend, self.adapters_off = model, backend, adapters_off
+        self._no_split_modules = getattr(model, "_no_split_modules", None)  # for accelerate's FSDP auto-wrap
         self._loss_fn = [loss_fn]  # not a submodule: the policy's module owns the margin buffers
 
     @torch.no_grad()
     def forward(self, batch: dict) -> torch.Tensor:
+        if self.adapters_off:  # LoRA: the policy's own module with its adapters switched off is the reference
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                with self.model.disable_adapter():
+                    return reference_logps(self.model, batch, self._loss_fn[0], backend=self.backend)
+            finally:
+                self.model.train(was_training)
         return reference_logps(self.model, batch, self._loss_fn[0], backend=self.backend)
 
 
@@ -55,9 +64,11 @@ def reference_placement(accelerator) -> str:
     return "plain"
 
 
-def zero3_inference_config(ds_config: dict, hidden_size: int, micro_batch: int, world_size: int) -> dict:
+def zero3_inference_config(ds_config: dict, hidden_size: int, micro_batch: int, world_size: int,
+                           mixed_precision: str = "no") -> dict:
     """A DeepSpeed config for an inference-only ZeRO-3 engine from the run's own config: no optimizer or
-    scheduler, and the ``"auto"`` entries that accelerate would fill for a trained model filled here."""
+    scheduler, and the ``"auto"`` entries that accelerate would fill for a trained model filled here (the compute
+    dtype from the run's ``mixed_precision``, so that the reference runs in the policy's dtype)."""
     cfg = copy.deepcopy(ds_config)
     for key in ("optimizer", "scheduler"):
         cfg.pop(key, None)
@@ -76,21 +87,24 @@ def zero3_inference_config(ds_config: dict, hidden_size: int, micro_batch: int, 
     cfg.pop("gradient_clipping", None)
     for dtype_key in ("bf16", "fp16"):
         if isinstance(cfg.get(dtype_key), dict) and cfg[dtype_key].get("enabled") == "auto":
-            cfg[dtype_key]["enabled"] = False
+            cfg[dtype_key]["enabled"] = mixed_precision == dtype_key
     return cfg
 
 
-def prepare_reference(ref_model: nn.Module, loss_fn, accelerator, *, backend: str, micro_batch: int) -> nn.Module:
-    """The reference as a :class:`ReferenceModel` placed for this run (see the module docstring)."""
+def prepare_reference(ref_model: nn.Module, loss_fn, accelerator, *, backend: str, micro_batch: int,
+                      adapters_off: bool = False) -> nn.Module:
+    """The reference as a :class:`ReferenceModel` placed for this run (see the module docstring); ``adapters_off``:
+    ``ref_model`` is the PEFT policy itself, run with its adapters switched off (LoRA, single process or DDP)."""
     placement = reference_placement(accelerator)
-    runner = ReferenceModel(ref_model, loss_fn, backend)
+    runner = ReferenceModel(ref_model, loss_fn, backend, adapters_off=adapters_off)
     if placement == "fsdp":
         return accelerator.prepare_model(runner, evaluation_mode=True)
     if placement == "deepspeed-zero3":
         import deepspeed
 
         cfg = zero3_inference_config(accelerator.state.deepspeed_plugin.deepspeed_config,
-                                     ref_model.config.hidden_size, micro_batch, accelerator.num_processes)
+                                     ref_model.config.hidden_size, micro_batch, accelerator.num_processes,
+                                     str(accelerator.state.mixed_precision))
         engine, *_ = deepspeed.initialize(model=runner, config=cfg)
         engine.eval()
         return engine
@@ -103,7 +117,13 @@ def weights_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256()
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            flat = t.detach().reshape(-1)
+            if hasattr(t, "ds_id"):  # ZeRO-3 partitioned (every rank runs this, in the same order): gathered
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([t]):
+                    flat = t.detach().reshape(-1).clone()
+            else:
+                flat = t.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 64)][:64].double().cpu()
             h.update(json.dumps([name, list(t.shape), str(t.dtype), float(flat.double().sum())]).encode())
             h.update(sample.numpy().tobytes())

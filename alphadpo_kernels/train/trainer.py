@@ -11,6 +11,7 @@ scheduler, RNG, data position, margin statistics) and the final model in ``DIR/f
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import glob
@@ -25,7 +26,7 @@ import torch
 
 from ..loss import FusedAlphaDPOLoss
 from ..ops.sequence_logps import LogpsOptions
-from .config import ConfigError, TrainConfig, parse_config
+from .config import ConfigError, TrainConfig, launched_plugin, parse_config
 from .data import (
     TOKENIZED_FORMAT,
     EpochSampler,
@@ -103,23 +104,69 @@ def _from_pretrained(cfg: TrainConfig, path: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=_weights_dtype(cfg), **kwargs)
 
 
-def _load_policy(cfg: TrainConfig, tokenizer):
+def _load_policy(cfg: TrainConfig, tokenizer, accelerator=None):
     if cfg.demo and cfg.model_name_or_path is None:
         from .demo import build_demo_model
 
-        model = build_demo_model(len(tokenizer), cfg.seed)
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None) if accelerator is not None else None
+        if plugin is None or not plugin.zero3_init_flag:
+            model = build_demo_model(len(tokenizer), cfg.seed)
+        else:
+            # ZeRO-3 partitions weights as they are loaded: the demo's model is built whole (the same weights as in
+            # every other setup; built partitioned, it would be initialised differently), saved once, and loaded
+            # partitioned like any checkpoint; the reference is loaded from the same folder
+            path = os.path.join(cfg.output_dir, "demo-model")
+            with accelerator.main_process_first():
+                if accelerator.is_main_process:
+                    with _without_zero3_init():
+                        build_demo_model(len(tokenizer), cfg.seed).save_pretrained(path)
+            model = _from_pretrained(cfg, path)
     else:
         model = _from_pretrained(cfg, cfg.model_name_or_path)
     return disable_dropout(model.to(_weights_dtype(cfg)))
 
 
+@contextlib.contextmanager
+def _without_zero3_init():
+    """transformers builds models partitioned (``deepspeed.zero.Init``) while its DeepSpeed config weakref is set
+    and says ZeRO-3; this unsets it for the block (accelerate's ``zero3_init_context_manager`` leaves it set)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def _load_reference(cfg: TrainConfig, policy_at_start):
-    path = cfg.ref_model_name_or_path or (None if cfg.demo else cfg.model_name_or_path)
+    path = cfg.ref_model_name_or_path or cfg.model_name_or_path
+    if path is None and any(hasattr(p, "ds_id") for p in policy_at_start.parameters()):
+        path = policy_at_start.config._name_or_path  # the demo's model under ZeRO-3, loaded from its folder
+    # a loaded policy's reference is loaded again (under ZeRO-3 both are partitioned at construction, and a
+    # partitioned module cannot be copied); the demo's model, built whole, is copied
     ref = copy.deepcopy(policy_at_start) if path is None else disable_dropout(_from_pretrained(cfg, path))
     # the policy's dtype, run under the same autocast on the same batches: at step 0 the policy and reference
     # log-probs are then the same numbers and every margin is exactly 0, not rounding noise α-DPO would normalise
     ref.requires_grad_(False)
     return ref.eval()
+
+
+def apply_lora(cfg: TrainConfig, policy):
+    """The policy with PEFT LoRA adapters (only they train; the LM head stays frozen, so the fused loss's backward
+    computes ``dH`` only)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora_target_modules
+    if targets is not None and targets.strip() != "all-linear":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    elif targets is not None:
+        targets = "all-linear"
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                        target_modules=targets, task_type="CAUSAL_LM")
+    torch.manual_seed(cfg.seed)  # the adapters' initialisation
+    return get_peft_model(policy, config)
 
 
 def _split_eval(cfg: TrainConfig, rows: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -212,9 +259,41 @@ def _epoch_loader(accelerator, loader, epoch: int, skip: int = 0):
     return loader
 
 
+def _device_kwargs() -> dict:
+    """How the Accelerator picks its devices and process-group backend. On GPUs, accelerate's default (NCCL). On a
+    CPU, a plain multi-process launch needs ``cpu=True`` (accelerate then uses gloo), but ``cpu=True`` also switches
+    the DeepSpeed and FSDP plugins off, so that a ZeRO-3 launch would silently run independent copies of the whole
+    job: those launches keep the plugin and get gloo explicitly."""
+    if torch.cuda.is_available():
+        return {}
+    if launched_plugin() is not None and int(os.environ.get("LOCAL_RANK", -1)) != -1:
+        from accelerate.utils import InitProcessGroupKwargs
+
+        return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+    return {"cpu": True}
+
+
+def _fill_deepspeed_config(accelerator, cfg: TrainConfig) -> None:
+    """The DeepSpeed config's ``"auto"`` entries that depend on this trainer's flags (micro-batch, clipping); a fixed
+    value that contradicts a flag is refused, as the run would otherwise differ from its own log of its settings."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    for key, value in (("train_micro_batch_size_per_gpu", cfg.per_device_train_batch_size),
+                       ("gradient_accumulation_steps", cfg.gradient_accumulation_steps),
+                       ("gradient_clipping", cfg.max_grad_norm)):
+        have = ds.get(key, "auto")
+        if have in (None, "auto"):
+            ds[key] = value
+        elif float(have) != float(value):
+            raise ConfigError(f"the DeepSpeed config sets {key}={have}, this run's flags {value}: make them agree "
+                              "(or set it to \"auto\" in the DeepSpeed config)")
+
+
 def train(cfg: TrainConfig) -> dict:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
@@ -230,11 +309,14 @@ def train(cfg: TrainConfig) -> dict:
     created = _first_missing(cfg.output_dir)  # the folder this run creates (None: it exists), removed on a load error
     os.makedirs(cfg.output_dir, exist_ok=True)
     has_tb = importlib.util.find_spec("tensorboard") is not None
-    # cpu=True without CUDA: only then does accelerate pick up a multi-process CPU (gloo) launch.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               mixed_precision=cfg.mixed_precision, log_with="tensorboard" if has_tb else None,
-                              project_dir=cfg.output_dir)
+                              project_dir=cfg.output_dir, **_device_kwargs())
+    _fill_deepspeed_config(accelerator, cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and (accelerator.num_processes != world or accelerator.distributed_type == DistributedType.NO):
+        raise ConfigError(f"launched as {world} processes, but accelerate set up {accelerator.distributed_type} over "
+                          f"{accelerator.num_processes}: each process would train its own copy of the job")
     set_seed(cfg.seed)
     started = time.time()
     if previous and cfg.overwrite and not cfg.resume:
@@ -259,15 +341,20 @@ def train(cfg: TrainConfig) -> dict:
     tokenizer = load(f"the tokenizer {cfg.tokenizer_name_or_path or cfg.model_name_or_path!r}", _load_tokenizer, cfg)
     train_ds, eval_ds = load("the data", build_datasets, cfg, tokenizer, accelerator)
 
-    policy = load(f"the model {cfg.model_name_or_path!r}", _load_policy, cfg, tokenizer)
+    policy = load(f"the model {cfg.model_name_or_path!r}", _load_policy, cfg, tokenizer, accelerator)
     if reference_placement(accelerator) == "plain":  # sharded weights cannot run a plain forward here
         verify_head(policy)
     loss_fn = FusedAlphaDPOLoss(beta=cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio, alpha=cfg.alpha,
                                 loss_type=cfg.loss_type, ema_momentum=cfg.ema_momentum,
                                 average_log_prob=cfg.average_log_prob, shift=True,
-                                label_smoothing=cfg.label_smoothing, options=LogpsOptions(memory=cfg.memory))
-    ref_model = (load(f"the reference model {cfg.ref_model_name_or_path or cfg.model_name_or_path!r}",
-                      _load_reference, cfg, policy) if loss_fn.loss_type != "simpo" else None)
+                                label_smoothing=cfg.label_smoothing, nll_weight=cfg.nll_weight,
+                                options=LogpsOptions(memory=cfg.memory))
+    if cfg.lora_r > 0:  # the reference is then the same module with its adapters off: no second copy
+        policy = load("LoRA adapters", apply_lora, cfg, policy)
+        ref_model = policy if loss_fn.loss_type != "simpo" else None
+    else:
+        ref_model = (load(f"the reference model {cfg.ref_model_name_or_path or cfg.model_name_or_path!r}",
+                          _load_reference, cfg, policy) if loss_fn.loss_type != "simpo" else None)
     if cfg.gradient_checkpointing:  # non-reentrant, as the released configs; the API was renamed in transformers 5
         enable = getattr(policy, "activation_checkpointing_enable", None)
         if enable is not None:
@@ -290,7 +377,7 @@ def train(cfg: TrainConfig) -> dict:
     ref_runner, train_ref, eval_ref = None, None, None
     if ref_model is not None:
         ref_runner = prepare_reference(ref_model, loss_fn, accelerator, backend=cfg.backend,
-                                       micro_batch=cfg.per_device_train_batch_size)
+                                       micro_batch=cfg.per_device_train_batch_size, adapters_off=cfg.lora_r > 0)
         if cfg.reference_mode == "precompute":
             parts = {"weights": weights_fingerprint(ref_model),
                      "model": cfg.ref_model_name_or_path or cfg.model_name_or_path or f"demo-seed{cfg.seed}",
@@ -441,13 +528,27 @@ def train(cfg: TrainConfig) -> dict:
         log.write({"step": step, **final_eval})
         summary.update(final_eval)
     summary.update({"steps": step, "seconds": round(time.time() - started, 1), "loss_type": loss_fn.loss_type,
-                    "beta": cfg.beta, "gamma_beta_ratio": cfg.gamma_beta_ratio, "alpha": cfg.alpha})
+                    "beta": cfg.beta, "gamma_beta_ratio": cfg.gamma_beta_ratio, "alpha": cfg.alpha,
+                    "distributed": _distributed_summary(accelerator, loss_fn)})
     save_policy(accelerator, model, tokenizer, os.path.join(cfg.output_dir, "final"))
     if accelerator.is_main_process:
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     accelerator.end_training()
     return summary
+
+
+def _distributed_summary(accelerator, loss_fn) -> dict:
+    """How the run was actually distributed (written to summary.json: a launch that silently fell back to
+    independent single-process copies shows here)."""
+    out = {"type": str(accelerator.distributed_type).split(".")[-1], "num_processes": accelerator.num_processes,
+           "backend": accelerator.state.backend}
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        out["zero_stage"] = int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", plugin.zero_stage))
+    if loss_fn.loss_type != "simpo":
+        out["reference"] = reference_placement(accelerator)
+    return out
 
 
 class _EpochLoader:
@@ -464,8 +565,12 @@ class _EpochLoader:
 
 def save_policy(accelerator, model, tokenizer, path: str) -> None:
     """The trained policy in Hugging Face format. The full state dict is gathered on every process (required under
-    FSDP and DeepSpeed ZeRO-3, where each rank holds a shard) and written by the main process only."""
-    state = accelerator.get_state_dict(model)  # collective: every rank calls it
+    FSDP and DeepSpeed ZeRO-3, where each rank holds a shard) and written by the main process only. Under DeepSpeed
+    the weights written are the optimizer's float32 master weights (what ``zero_to_fp32`` recovers from a
+    checkpoint), not the engine's bf16 compute copy."""
+    deepspeed = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None) is not None
+    state = (deepspeed_master_state_dict(model) if deepspeed
+             else accelerator.get_state_dict(model))  # collective: every rank calls it
     policy = accelerator.unwrap_model(model).policy
     if accelerator.is_main_process:
         prefix = "policy."
@@ -473,6 +578,27 @@ def save_policy(accelerator, model, tokenizer, path: str) -> None:
         policy.save_pretrained(path, state_dict=policy_state, is_main_process=True)
         tokenizer.save_pretrained(path)
     accelerator.wait_for_everyone()
+
+
+def deepspeed_master_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The engine's module's state dict, whole, its parameters as the ZeRO optimizer's float32 master copy (stage 1,
+    2 or 3; collective: every rank calls it, in the same order), a parameter the optimizer does not hold as the
+    gathered parameter itself; persistent buffers as they are. On every rank, on the CPU."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    full_params: dict[int, torch.Tensor] = {}
+    for p in module.parameters():  # each parameter once, tied ones included
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        if full is None:
+            with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+                full = p.detach().clone()
+        full_params[id(p)] = full.detach().cpu()
+    state = {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        state[name] = full_params[id(t)] if id(t) in full_params else t.detach().cpu()
+    return state
 
 
 def _version(package: str) -> str:
