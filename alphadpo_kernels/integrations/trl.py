@@ -75,6 +75,7 @@ from ..losses import canonical_loss_type, needs_reference
 from ..ops.sequence_logps import LogpsOptions
 from ..train.modeling import (
     decoder_of,
+    disable_dropout,
     head_logps,
     head_of,
     head_transform_of,
@@ -277,19 +278,6 @@ def add_alphadpo_head(model: torch.nn.Module) -> None:
     model._alphadpo_head = True
 
 
-def _disable_dropout_rates(model: torch.nn.Module) -> None:
-    """Zero the dropout rates that modules and the config hold as floats (``attention_dropout``, ``*_pdrop``, ...):
-    attention implementations read them in train mode, and TRL's ``disable_dropout_in_model`` resets only
-    ``nn.Dropout`` modules."""
-    config = getattr(model, "config", None)
-    for obj in [*model.modules(), *([config] if config is not None else [])]:
-        if isinstance(obj, torch.nn.Dropout):
-            obj.p = 0.0
-        for name, value in list(vars(obj).items()):
-            if ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float):
-                setattr(obj, name, 0.0)
-
-
 def _verifiable(model) -> bool:
     """The one-time head check needs the weights: not under ZeRO-3 partitioning (empty parameters) nor on the meta
     device (FSDP's low-memory loading on ranks other than 0)."""
@@ -320,7 +308,7 @@ def _patch_alongside_trl(trainer: "AlphaDPOTrainer"):
         add_fused(model, *args, **kwargs)
         add_alphadpo_head(model)
         if trainer.args.disable_dropout:  # TRL reset the nn.Dropout modules; the attention rates are floats
-            _disable_dropout_rates(model)
+            disable_dropout(model)  # the float rates too: TRL resets nn.Dropout modules only
         if trainer.args.verify_lm_head and _verifiable(model):
             verify_head(model)
 

@@ -237,3 +237,17 @@ def reference_logps(ref_model: nn.Module, batch: dict, loss_fn: FusedAlphaDPOLos
     return head_logps(ref_model, hidden, batch["labels"], ignore_index=loss_fn.ignore_index,
                       average=loss_fn.average_log_prob, shift=loss_fn.shift, cu_seqlens=batch.get("cu_seqlens"),
                       backend=backend, check_values=False).float()
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Dropout off everywhere, as the released runs effectively train: ``nn.Dropout`` modules, the float rates that
+    attention implementations read from their module (``attention_dropout`` & co.) and the config's rates. The
+    model stays in train mode (gradient checkpointing needs it)."""
+    config = getattr(model, "config", None)
+    for obj in [*model.modules(), *([config] if config is not None else [])]:
+        if isinstance(obj, nn.Dropout):
+            obj.p = 0.0
+        for name, value in list(vars(obj).items()):
+            if ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float):
+                setattr(obj, name, 0.0)
+    return model

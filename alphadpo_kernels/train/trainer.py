@@ -36,7 +36,7 @@ from .data import (
     source_fingerprint,
     tokenizer_fingerprint,
 )
-from .modeling import PreferenceModel, check_padding_free, head_transform_of, verify_head
+from .modeling import PreferenceModel, check_padding_free, disable_dropout, head_transform_of, verify_head
 from .reference import (
     cache_key,
     precompute_reference,
@@ -81,20 +81,6 @@ def _make_optimizer(cfg: TrainConfig, params):
         # torch AdamW's eps and PyTorch-style decoupled weight decay, so that only the rounding differs
         return optimi.AdamW(params, eps=1e-8, kahan_sum=True, **kwargs)
     return torch.optim.AdamW(params, **kwargs)
-
-
-def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
-    """Dropout off everywhere, as the released runs effectively train: ``nn.Dropout`` modules, the float rates that
-    attention implementations read from their module (``attention_dropout`` & co.) and the config's rates. The
-    model stays in train mode (gradient checkpointing needs it)."""
-    config = getattr(model, "config", None)
-    for obj in [*model.modules(), *([config] if config is not None else [])]:
-        if isinstance(obj, torch.nn.Dropout):
-            obj.p = 0.0
-        for name, value in list(vars(obj).items()):
-            if ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float):
-                setattr(obj, name, 0.0)
-    return model
 
 
 def _from_pretrained(cfg: TrainConfig, path: str):
