@@ -68,6 +68,16 @@ def _backend_module(name: str):
     return torch_chunked.forward, torch_chunked.backward
 
 
+def refuse_double_backward() -> None:
+    """Raise inside a backward asked to build a graph (``create_graph=True``): a gradient of this gradient."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "fused_sequence_logps does not support double backward (create_graph=True): its backward recomputes "
+            "the logits in kernels autograd cannot differentiate, so a gradient penalty through it would be "
+            "wrong or silently zero. Compute its gradients without create_graph, or use "
+            "reference_sequence_logps where higher-order gradients are needed")
+
+
 class _SequenceLogps(torch.autograd.Function):
     """hidden ``[..., H]`` (padded ``[rows, T, H]`` or packed ``[N, H]``), flat targets ``[N]`` (-1 where dead) and
     ``seg`` ``[N]``: the sequence each token belongs to (None for the padded layout: token ``n`` is in row
@@ -99,12 +109,7 @@ class _SequenceLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps):
-        if torch.is_grad_enabled():  # create_graph=True: a gradient of this gradient was asked for
-            raise RuntimeError(
-                "fused_sequence_logps does not support double backward (create_graph=True): its backward recomputes "
-                "the logits in kernels autograd cannot differentiate, so a gradient penalty through it would be "
-                "wrong or silently zero. Compute its gradients without create_graph, or use "
-                "reference_sequence_logps where higher-order gradients are needed")
+        refuse_double_backward()
         with torch.autocast(device_type=grad_logps.device.type, enabled=False):
             return _SequenceLogps._backward(ctx, grad_logps)
 

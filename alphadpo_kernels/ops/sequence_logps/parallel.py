@@ -373,11 +373,9 @@ class _ParallelSequenceLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "fused_sequence_logps does not support double backward (create_graph=True): its backward recomputes "
-                "the logits in kernels autograd cannot differentiate. Compute its gradients without create_graph, or "
-                "use reference_sequence_logps where higher-order gradients are needed")
+        from . import refuse_double_backward
+
+        refuse_double_backward()
         with torch.autocast(device_type=grad_logps.device.type, enabled=False):
             return _ParallelSequenceLogps._backward(ctx, grad_logps)
 
