@@ -62,6 +62,10 @@ def main(model_dir: str, out: str) -> None:
                   stats=[float(trainer.alphadpo_loss.margin_mean), float(trainer.alphadpo_loss.margin_std)])
     with open(os.path.join(out, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
         json.dump(result, f)
+    # every rank reaches the end before any tears its process group down: a rank that exits while the other is
+    # still in a collective makes gloo abort it ("terminate called without an active exception")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
