@@ -83,6 +83,11 @@ class TrainConfig:
     padding_free: bool = _f(False, "pack each micro-batch's sequences into one row (position_ids restart; no padding)")
     memory: str = _f("fast", "the fused loss's backward: fast (4 GEMM units) or lean (5 units, <= 1.1 x its "
                              "gradients)", ("fast", "lean"))
+    # parallelism beyond data parallel (the processes are data × context × tensor parallel)
+    context_parallel: int = _f(1, "split every sequence over this many processes (context parallel: ring attention, "
+                                  "needs GPUs and attn_implementation sdpa; long sequences past one GPU)")
+    tensor_parallel: int = _f(1, "split the model's weights over this many processes by its transformers tp_plan "
+                                 "(the LM head on the vocabulary; the fused loss reduces over the shards)")
     # LoRA (PEFT's and TRL's names)
     lora_r: int = _f(0, "LoRA rank (PEFT's r, TRL's lora_r); 0 trains every weight. With LoRA the reference is the "
                         "base model with the adapters switched off (no second copy), and only the adapters are saved "
@@ -144,9 +149,25 @@ class TrainConfig:
         if self.resume and self.resume != "latest" and not os.path.isdir(self.resume):
             raise ConfigError(f"resume {self.resume!r}: no such checkpoint folder (or pass 'latest')")
         self._check_loss()
+        self._check_parallel()
         self._check_lora()
         self._check_machine()
         return self
+
+    def _check_parallel(self) -> None:
+        for name in ("context_parallel", "tensor_parallel"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1 (1: off), got {getattr(self, name)}")
+        if self.context_parallel == 1 and self.tensor_parallel == 1:
+            return
+        if self.context_parallel > 1 and self.padding_free:
+            raise ConfigError("padding_free does not combine with context_parallel: ring attention is causal over the "
+                              "whole row, so packed sequences would attend to each other (pad instead)")
+        if self.lora_r > 0:
+            raise ConfigError("LoRA with context_parallel / tensor_parallel is not supported yet")
+        if launched_plugin() == "deepspeed":
+            raise ConfigError("context_parallel / tensor_parallel run under FSDP2 (GPUs) or plain processes, not "
+                              "under accelerate's DeepSpeed plugin")
 
     def _check_lora(self) -> None:
         if self.lora_r < 0:

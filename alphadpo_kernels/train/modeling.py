@@ -187,6 +187,10 @@ class PreferenceModel(nn.Module):
         self.policy = policy
         self.loss_fn = loss_fn
         self.backend = backend
+        # context / tensor parallel (train/parallel.py): under cp the labels arrive shifted and sharded with the
+        # tokens, and each sequence's log-prob is summed over the cp group; under tp the head is a vocabulary shard
+        self.cp_group = None
+        self.tp_group = None
         # what accelerate's FSDP auto-wrap (TRANSFORMER_BASED_WRAP) shards separately: the policy's decoder layers
         self._no_split_modules = getattr(policy, "_no_split_modules", None)
         scale, softcap = head_transform_of(policy)
@@ -208,8 +212,15 @@ class PreferenceModel(nn.Module):
                                     batch.get("position_ids"))
         logps = self.sequence_logps(hidden, batch["labels"], batch.get("cu_seqlens"))
         pairs = logps.shape[0] // 2
-        counts = (scored_token_counts(batch["labels"], batch.get("cu_seqlens"), self.loss_fn.ignore_index,
-                                      self.loss_fn.shift)[:pairs] if self.loss_fn.nll_weight else None)
+        counts = None
+        if self.loss_fn.nll_weight:
+            counts = scored_token_counts(batch["labels"], batch.get("cu_seqlens"), self.loss_fn.ignore_index,
+                                         self.loss_fn.shift and self.cp_group is None)
+            if self.cp_group is not None:  # this rank's tokens only: the sequence's count is the sum over cp
+                import torch.distributed as dist
+
+                dist.all_reduce(counts, group=self.cp_group)
+            counts = counts[:pairs]
         return self.loss_fn.loss_from_logps(logps[:pairs], logps[pairs:], ref_c, ref_r, chosen_token_counts=counts)
 
     def sequence_logps(self, hidden: torch.Tensor, labels: torch.Tensor,
@@ -223,20 +234,24 @@ class PreferenceModel(nn.Module):
         def fused(weight, bias, hidden, labels):
             return fused_sequence_logps(hidden, weight, labels, bias=bias, ignore_index=loss_fn.ignore_index,
                                         average=loss_fn.average_log_prob, softcap=loss_fn.softcap,
-                                        logit_scale=loss_fn.logit_scale, shift=loss_fn.shift, backend=self.backend,
-                                        options=loss_fn.options, cu_seqlens=cu_seqlens,
-                                        check_values=loss_fn.check_values)
+                                        logit_scale=loss_fn.logit_scale, shift=loss_fn.shift and self.cp_group is None,
+                                        backend=self.backend, options=loss_fn.options, cu_seqlens=cu_seqlens,
+                                        check_values=loss_fn.check_values, cp_group=self.cp_group,
+                                        tp_group=self.tp_group)
 
         return call_through_head(self.policy, fused, hidden, labels)
 
 
 @torch.no_grad()
-def reference_logps(ref_model: nn.Module, batch: dict, loss_fn: FusedAlphaDPOLoss, backend: str = "auto") -> torch.Tensor:
-    """``[2P]`` reference log-probs from one no-grad decoder pass and the fused forward kernel."""
+def reference_logps(ref_model: nn.Module, batch: dict, loss_fn: FusedAlphaDPOLoss, backend: str = "auto",
+                    cp_group=None, tp_group=None) -> torch.Tensor:
+    """``[2P]`` reference log-probs from one no-grad decoder pass and the fused forward kernel (under cp, the batch
+    is this rank's share with pre-shifted labels, as for the policy)."""
     hidden = last_hidden_states(ref_model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
     return head_logps(ref_model, hidden, batch["labels"], ignore_index=loss_fn.ignore_index,
-                      average=loss_fn.average_log_prob, shift=loss_fn.shift, cu_seqlens=batch.get("cu_seqlens"),
-                      backend=backend, check_values=False).float()
+                      average=loss_fn.average_log_prob, shift=loss_fn.shift and cp_group is None,
+                      cu_seqlens=batch.get("cu_seqlens"), backend=backend, check_values=False, cp_group=cp_group,
+                      tp_group=tp_group).float()
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:

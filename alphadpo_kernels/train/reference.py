@@ -34,6 +34,7 @@ class ReferenceModel(nn.Module):
     def __init__(self, model: nn.Module, loss_fn, backend: str = "auto", adapters_off: bool = False):
         super().__init__()
         self.model, self.backend, self.adapters_off = model, backend, adapters_off
+        self.cp_group = self.tp_group = None  # as the policy's PreferenceModel (train/parallel.py)
         self._no_split_modules = getattr(model, "_no_split_modules", None)  # for accelerate's FSDP auto-wrap
         self._loss_fn = [loss_fn]  # not a submodule: the policy's module owns the margin buffers
 
@@ -44,10 +45,12 @@ class ReferenceModel(nn.Module):
             self.model.eval()
             try:
                 with self.model.disable_adapter():
-                    return reference_logps(self.model, batch, self._loss_fn[0], backend=self.backend)
+                    return reference_logps(self.model, batch, self._loss_fn[0], backend=self.backend,
+                                           cp_group=self.cp_group, tp_group=self.tp_group)
             finally:
                 self.model.train(was_training)
-        return reference_logps(self.model, batch, self._loss_fn[0], backend=self.backend)
+        return reference_logps(self.model, batch, self._loss_fn[0], backend=self.backend, cp_group=self.cp_group,
+                               tp_group=self.tp_group)
 
 
 def reference_placement(accelerator) -> str:
@@ -92,11 +95,12 @@ def zero3_inference_config(ds_config: dict, hidden_size: int, micro_batch: int, 
 
 
 def prepare_reference(ref_model: nn.Module, loss_fn, accelerator, *, backend: str, micro_batch: int,
-                      adapters_off: bool = False) -> nn.Module:
+                      adapters_off: bool = False, cp_group=None, tp_group=None) -> nn.Module:
     """The reference as a :class:`ReferenceModel` placed for this run (see the module docstring); ``adapters_off``:
     ``ref_model`` is the PEFT policy itself, run with its adapters switched off (LoRA, single process or DDP)."""
     placement = reference_placement(accelerator)
     runner = ReferenceModel(ref_model, loss_fn, backend, adapters_off=adapters_off)
+    runner.cp_group, runner.tp_group = cp_group, tp_group
     if placement == "fsdp":
         return accelerator.prepare_model(runner, evaluation_mode=True)
     if placement == "deepspeed-zero3":
@@ -122,8 +126,8 @@ def weights_fingerprint(model: nn.Module) -> str:
 
                 with deepspeed.zero.GatheredParameters([t]):
                     flat = t.detach().reshape(-1).clone()
-            else:
-                flat = t.detach().reshape(-1)
+            else:  # a tensor-parallel DTensor: this rank's shard (the key holds the rank)
+                flat = (t.to_local() if hasattr(t, "to_local") else t).detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 64)][:64].double().cpu()
             h.update(json.dumps([name, list(t.shape), str(t.dtype), float(flat.double().sum())]).encode())
             h.update(sample.numpy().tobytes())

@@ -37,6 +37,8 @@ from .data import (
     tokenizer_fingerprint,
 )
 from .modeling import PreferenceModel, check_padding_free, disable_dropout, head_transform_of, verify_head
+from .parallel import accelerator_kwargs, check_attention, parallelism_config
+from .parallel import setup as setup_parallel
 from .reference import (
     cache_key,
     precompute_reference,
@@ -83,32 +85,34 @@ def _make_optimizer(cfg: TrainConfig, params):
     return torch.optim.AdamW(params, **kwargs)
 
 
-def _from_pretrained(cfg: TrainConfig, path: str):
+def _from_pretrained(cfg: TrainConfig, path: str, tp_mesh=None):
     from transformers import AutoModelForCausalLM
 
     kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    if tp_mesh is not None:  # the model's own tp_plan: the LM head becomes a DTensor Shard(0) on the vocabulary
+        kwargs.update(tp_plan="auto", device_mesh=tp_mesh)
     return AutoModelForCausalLM.from_pretrained(path, dtype=_weights_dtype(cfg), **kwargs)
 
 
-def _load_policy(cfg: TrainConfig, tokenizer, accelerator=None):
+def _load_policy(cfg: TrainConfig, tokenizer, accelerator=None, tp_mesh=None):
     if cfg.demo and cfg.model_name_or_path is None:
         from .demo import build_demo_model
 
         plugin = getattr(accelerator.state, "deepspeed_plugin", None) if accelerator is not None else None
-        if plugin is None or not plugin.zero3_init_flag:
+        if (plugin is None or not plugin.zero3_init_flag) and tp_mesh is None:
             model = build_demo_model(len(tokenizer), cfg.seed)
         else:
-            # ZeRO-3 partitions weights as they are loaded: the demo's model is built whole (the same weights as in
-            # every other setup; built partitioned, it would be initialised differently), saved once, and loaded
-            # partitioned like any checkpoint; the reference is loaded from the same folder
+            # ZeRO-3 partitions weights as they are loaded, tensor parallelism shards them: the demo's model is built
+            # whole (the same weights as in every other setup; built partitioned, it would be initialised
+            # differently), saved once, and loaded like any checkpoint; the reference is loaded from the same folder
             path = os.path.join(cfg.output_dir, "demo-model")
             with accelerator.main_process_first():
                 if accelerator.is_main_process:
                     with _without_zero3_init():
                         build_demo_model(len(tokenizer), cfg.seed).save_pretrained(path)
-            model = _from_pretrained(cfg, path)
+            model = _from_pretrained(cfg, path, tp_mesh)
     else:
-        model = _from_pretrained(cfg, cfg.model_name_or_path)
+        model = _from_pretrained(cfg, cfg.model_name_or_path, tp_mesh)
     return disable_dropout(model.to(_weights_dtype(cfg)))
 
 
@@ -126,13 +130,13 @@ def _without_zero3_init():
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
-def _load_reference(cfg: TrainConfig, policy_at_start):
+def _load_reference(cfg: TrainConfig, policy_at_start, tp_mesh=None):
     path = cfg.ref_model_name_or_path or cfg.model_name_or_path
-    if path is None and any(hasattr(p, "ds_id") for p in policy_at_start.parameters()):
-        path = policy_at_start.config._name_or_path  # the demo's model under ZeRO-3, loaded from its folder
+    if path is None and (tp_mesh is not None or any(hasattr(p, "ds_id") for p in policy_at_start.parameters())):
+        path = policy_at_start.config._name_or_path  # the demo's model under ZeRO-3 / tp, loaded from its folder
     # a loaded policy's reference is loaded again (under ZeRO-3 both are partitioned at construction, and a
     # partitioned module cannot be copied); the demo's model, built whole, is copied
-    ref = copy.deepcopy(policy_at_start) if path is None else disable_dropout(_from_pretrained(cfg, path))
+    ref = copy.deepcopy(policy_at_start) if path is None else disable_dropout(_from_pretrained(cfg, path, tp_mesh))
     # the policy's dtype, run under the same autocast on the same batches: at step 0 the policy and reference
     # log-probs are then the same numbers and every margin is exactly 0, not rounding noise α-DPO would normalise
     ref.requires_grad_(False)
@@ -295,14 +299,17 @@ def train(cfg: TrainConfig) -> dict:
     created = _first_missing(cfg.output_dir)  # the folder this run creates (None: it exists), removed on a load error
     os.makedirs(cfg.output_dir, exist_ok=True)
     has_tb = importlib.util.find_spec("tensorboard") is not None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    pc = parallelism_config(cfg, world)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               mixed_precision=cfg.mixed_precision, log_with="tensorboard" if has_tb else None,
-                              project_dir=cfg.output_dir, **_device_kwargs())
+                              project_dir=cfg.output_dir, **_device_kwargs(), **accelerator_kwargs(pc))
     _fill_deepspeed_config(accelerator, cfg)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and (accelerator.num_processes != world or accelerator.distributed_type == DistributedType.NO):
         raise ConfigError(f"launched as {world} processes, but accelerate set up {accelerator.distributed_type} over "
                           f"{accelerator.num_processes}: each process would train its own copy of the job")
+    par = setup_parallel(accelerator, pc, cfg)  # None without cp / tp
+    tp_mesh = par.tp_mesh if par is not None else None
     set_seed(cfg.seed)
     started = time.time()
     if previous and cfg.overwrite and not cfg.resume:
@@ -327,20 +334,22 @@ def train(cfg: TrainConfig) -> dict:
     tokenizer = load(f"the tokenizer {cfg.tokenizer_name_or_path or cfg.model_name_or_path!r}", _load_tokenizer, cfg)
     train_ds, eval_ds = load("the data", build_datasets, cfg, tokenizer, accelerator)
 
-    policy = load(f"the model {cfg.model_name_or_path!r}", _load_policy, cfg, tokenizer, accelerator)
-    if reference_placement(accelerator) == "plain":  # sharded weights cannot run a plain forward here
+    policy = load(f"the model {cfg.model_name_or_path!r}", _load_policy, cfg, tokenizer, accelerator, tp_mesh)
+    if reference_placement(accelerator) == "plain" and tp_mesh is None:  # sharded weights: no plain forward here
         verify_head(policy)
+    check_attention(policy, par.cp if par is not None else 1)
     loss_fn = FusedAlphaDPOLoss(beta=cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio, alpha=cfg.alpha,
                                 loss_type=cfg.loss_type, ema_momentum=cfg.ema_momentum,
                                 average_log_prob=cfg.average_log_prob, shift=True,
                                 label_smoothing=cfg.label_smoothing, nll_weight=cfg.nll_weight,
-                                options=LogpsOptions(memory=cfg.memory))
+                                options=LogpsOptions(memory=cfg.memory),
+                                process_group=par.dp_group if par is not None else None)
     if cfg.lora_r > 0:  # the reference is then the same module with its adapters off: no second copy
         policy = load("LoRA adapters", apply_lora, cfg, policy)
         ref_model = policy if loss_fn.loss_type != "simpo" else None
     else:
         ref_model = (load(f"the reference model {cfg.ref_model_name_or_path or cfg.model_name_or_path!r}",
-                          _load_reference, cfg, policy) if loss_fn.loss_type != "simpo" else None)
+                          _load_reference, cfg, policy, tp_mesh) if loss_fn.loss_type != "simpo" else None)
     if cfg.gradient_checkpointing:  # non-reentrant, as the released configs; the API was renamed in transformers 5
         enable = getattr(policy, "activation_checkpointing_enable", None)
         if enable is not None:
@@ -350,6 +359,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.padding_free:
         check_padding_free(policy)
     model = PreferenceModel(policy, loss_fn, backend=cfg.backend)
+    if par is not None:
+        model.cp_group, model.tp_group = par.cp_group, par.tp_mesh
 
     collate = PreferenceCollator(tokenizer.pad_token_id, padding_free=cfg.padding_free)
     sampler = EpochSampler(len(train_ds), cfg.seed)
@@ -363,7 +374,8 @@ def train(cfg: TrainConfig) -> dict:
     ref_runner, train_ref, eval_ref = None, None, None
     if ref_model is not None:
         ref_runner = prepare_reference(ref_model, loss_fn, accelerator, backend=cfg.backend,
-                                       micro_batch=cfg.per_device_train_batch_size, adapters_off=cfg.lora_r > 0)
+                                       micro_batch=cfg.per_device_train_batch_size, adapters_off=cfg.lora_r > 0,
+                                       cp_group=par.cp_group if par else None, tp_group=tp_mesh)
         if cfg.reference_mode == "precompute":
             parts = {"weights": weights_fingerprint(ref_model),
                      "model": cfg.ref_model_name_or_path or cfg.model_name_or_path or f"demo-seed{cfg.seed}",
@@ -378,10 +390,11 @@ def train(cfg: TrainConfig) -> dict:
                                       alphadpo_kernels=_version("alphadpo_kernels"))}
             cache = os.path.join(cfg.output_dir, "reference_logps", cache_key(parts))
             with accelerator.autocast():  # the policy's compute dtype, as in the training forward
-                train_ref = precompute_reference(ref_runner, _EpochLoader(accelerator, train_dl), epochs=epochs_needed,
+                train_ref = precompute_reference(ref_runner, _EpochLoader(accelerator, train_dl, par),
+                                                 epochs=epochs_needed,
                                                  accelerator=accelerator, cache_path=cache + "-train.pt")
                 if eval_dl is not None:
-                    eval_ref = precompute_reference(ref_runner, _EpochLoader(accelerator, eval_dl), epochs=1,
+                    eval_ref = precompute_reference(ref_runner, _EpochLoader(accelerator, eval_dl, par), epochs=1,
                                                     accelerator=accelerator,
                                                     cache_path=cache + "-eval.pt")[0]
             ref_runner = ref_model = None  # released: the reference model is no longer needed
@@ -390,7 +403,13 @@ def train(cfg: TrainConfig) -> dict:
                 torch.cuda.empty_cache()
 
     optimizer = _make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if par is not None and par.tp > 1 and not torch.cuda.is_available():
+        # a CPU under tp over every process: nothing to reduce (each rank's shards get their whole gradients), and
+        # DDP cannot hold DTensor weights, so the model is not wrapped
+        optimizer = accelerator.prepare(optimizer)
+        accelerator.register_for_checkpointing(model)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
     accelerator.register_for_checkpointing(scheduler)  # stepped by hand, once per optimiser step
     if has_tb:
@@ -423,7 +442,8 @@ def train(cfg: TrainConfig) -> dict:
         unwrapped.eval()
         cols: dict[str, list] = {k: [] for k in ("chosen", "rejected", "pc", "pr", "rc", "rr", "loss")}
         with torch.no_grad():
-            for i, batch in enumerate(_epoch_loader(accelerator, eval_dl, 0)):
+            batches = _epoch_loader(accelerator, eval_dl, 0)
+            for i, batch in enumerate(par.batches(batches) if par is not None else batches):
                 out = model(with_reference(batch, eval_ref, i), ref_model=ref_runner)
                 pairs = out.chosen_rewards.new_full((out.chosen_rewards.shape[0],), out.loss.item())
                 vals = dict(chosen=out.chosen_rewards, rejected=out.rejected_rewards, pc=out.chosen_logps,
@@ -432,7 +452,8 @@ def train(cfg: TrainConfig) -> dict:
                             rr=out.ref_rejected_logps if out.ref_rejected_logps is not None
                             else torch.zeros_like(out.chosen_logps), loss=pairs)
                 for k, v in vals.items():
-                    cols[k].append(accelerator.gather_for_metrics(v.float()))
+                    cols[k].append(par.gather_for_metrics(accelerator, v.float()) if par is not None
+                                   else accelerator.gather_for_metrics(v.float()))
         unwrapped.train()
         c = {k: torch.cat(v) for k, v in cols.items()}
         metrics = {"eval/loss": c["loss"].mean(), "eval/rewards/chosen": c["chosen"].mean(),
@@ -468,10 +489,12 @@ def train(cfg: TrainConfig) -> dict:
     done = step >= total_steps
     while not done:
         for batch in _epoch_loader(accelerator, train_dl, epoch, batches_done):
-            with accelerator.accumulate(model):
-                out = model(with_reference(batch, train_ref[epoch] if train_ref else None, batches_done),
-                            ref_model=ref_runner)
-                accelerator.backward(out.loss)
+            batch = with_reference(batch, train_ref[epoch] if train_ref else None, batches_done)
+            with accelerator.accumulate(model), (par.sharded(batch) if par is not None
+                                                 else contextlib.nullcontext(batch)) as batch:
+                out = model(batch, ref_model=ref_runner)
+                # under cp the gradient reduction averages over the cp ranks too: scaled so that it sums over them
+                accelerator.backward(out.loss * par.loss_scale if par is not None else out.loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
@@ -515,7 +538,7 @@ def train(cfg: TrainConfig) -> dict:
         summary.update(final_eval)
     summary.update({"steps": step, "seconds": round(time.time() - started, 1), "loss_type": loss_fn.loss_type,
                     "beta": cfg.beta, "gamma_beta_ratio": cfg.gamma_beta_ratio, "alpha": cfg.alpha,
-                    "distributed": _distributed_summary(accelerator, loss_fn)})
+                    "distributed": _distributed_summary(accelerator, loss_fn, par)})
     save_policy(accelerator, model, tokenizer, os.path.join(cfg.output_dir, "final"))
     if accelerator.is_main_process:
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
@@ -524,7 +547,7 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
-def _distributed_summary(accelerator, loss_fn) -> dict:
+def _distributed_summary(accelerator, loss_fn, par=None) -> dict:
     """How the run was actually distributed (written to summary.json: a launch that silently fell back to
     independent single-process copies shows here)."""
     out = {"type": str(accelerator.distributed_type).split(".")[-1], "num_processes": accelerator.num_processes,
@@ -532,21 +555,24 @@ def _distributed_summary(accelerator, loss_fn) -> dict:
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         out["zero_stage"] = int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", plugin.zero_stage))
+    if par is not None:
+        out.update(data_parallel=par.dp, context_parallel=par.cp, tensor_parallel=par.tp)
     if loss_fn.loss_type != "simpo":
         out["reference"] = reference_placement(accelerator)
     return out
 
 
 class _EpochLoader:
-    """Iterating it ``e``-th time gives epoch ``e`` of the prepared loader (for the reference precompute)."""
+    """Iterating it ``e``-th time gives epoch ``e`` of the prepared loader (for the reference precompute); each
+    batch this rank's share under cp."""
 
-    def __init__(self, accelerator, loader):
-        self.accelerator, self.loader, self.epoch = accelerator, loader, 0
+    def __init__(self, accelerator, loader, par=None):
+        self.accelerator, self.loader, self.par, self.epoch = accelerator, loader, par, 0
 
     def __iter__(self):
         loader = _epoch_loader(self.accelerator, self.loader, self.epoch)
         self.epoch += 1
-        return iter(loader)
+        return iter(self.par.batches(loader) if self.par is not None else loader)
 
 
 def save_policy(accelerator, model, tokenizer, path: str) -> None:
@@ -557,11 +583,18 @@ def save_policy(accelerator, model, tokenizer, path: str) -> None:
     deepspeed = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None) is not None
     state = (deepspeed_master_state_dict(model) if deepspeed
              else accelerator.get_state_dict(model))  # collective: every rank calls it
+    from torch.distributed.tensor import DTensor
+
+    # tensor-parallel shards gathered whole (collective, in the same order on every rank)
+    sharded = any(isinstance(v, DTensor) for v in state.values())
+    state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
     policy = accelerator.unwrap_model(model).policy
-    if accelerator.is_main_process:
+    # transformers' save_pretrained of a tensor-parallel model meets the other ranks at a barrier: all call it
+    if accelerator.is_main_process or sharded:
         prefix = "policy."
         policy_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        policy.save_pretrained(path, state_dict=policy_state, is_main_process=True)
+        policy.save_pretrained(path, state_dict=policy_state, is_main_process=accelerator.is_main_process)
+    if accelerator.is_main_process:
         tokenizer.save_pretrained(path)
     accelerator.wait_for_everyone()
 
