@@ -25,15 +25,33 @@ def head_tail_positions(rank: int, cp: int, local: int) -> torch.Tensor:
                       torch.arange((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk)])
 
 
+class _Gather(torch.autograd.Function):
+    """All-gather along dim 2 over ``group``; backward: the summed gradient's slice of this rank (torch's own
+    autograd all-gather addresses subgroup ranks as global ones in its backward)."""
+
+    @staticmethod
+    def forward(ctx, t, group, rank):
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        ctx.group, ctx.rank, ctx.size = group, rank, t.shape[2]
+        return torch.cat(parts, dim=2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[:, :, ctx.rank * ctx.size:(ctx.rank + 1) * ctx.size], None, None
+
+
 def gather_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """``[B, Hq, T, D]`` queries against every cp rank's keys / values, causal by global position."""
     local = query.shape[2]
     if F.scaled_dot_product_attention is not _SDPA:  # inside context_parallel: this rank holds its share
-        import torch.distributed.nn.functional as dnn
+        from accelerate.state import AcceleratorState
 
-        cp, rank = dist.get_world_size(), dist.get_rank()  # the tests run cp over every process
-        key = torch.cat(dnn.all_gather(key.contiguous()), dim=2)
-        value = torch.cat(dnn.all_gather(value.contiguous()), dim=2)
+        mesh = AcceleratorState().device_mesh["cp"]  # the run's mesh (the trainer hands it to accelerate)
+        group, cp, rank = mesh.get_group(), mesh.size(), mesh.get_local_rank()
+        key, value = _Gather.apply(key, group, rank), _Gather.apply(value, group, rank)
         q_pos = head_tail_positions(rank, cp, local)
         k_pos = torch.cat([head_tail_positions(r, cp, local) for r in range(cp)])
     else:  # an ordinary call (the trainer's check of the head on four tokens)
