@@ -331,3 +331,13 @@ def test_config_takes_the_sft_term(tmp_path):
                       (dict(loss_type=["sigmoid", "ipo", "sft"]), "one loss type")):
         with pytest.raises(ValueError, match=match):
             AlphaDPOConfig(**out, **kw)
+
+
+def test_context_or_tensor_parallel_is_refused_by_name(model_dir, dataset, tmp_path):
+    """transformers would shard the tokens but not TRL's completion mask: refused before any work."""
+    from accelerate.parallelism_config import ParallelismConfig
+
+    for sizes in (dict(cp_size=2), dict(tp_size=2)):
+        args = AlphaDPOConfig(**_common(tmp_path, "pc"), parallelism_config=ParallelismConfig(**sizes))
+        with pytest.raises(ValueError, match="AlphaDPOTrainer does not take context / tensor parallelism"):
+            AlphaDPOTrainer(model=model_dir, train_dataset=dataset, args=args)

@@ -348,6 +348,13 @@ class AlphaDPOTrainer(DPOTrainer):
         if not isinstance(args, AlphaDPOConfig):
             raise TypeError(f"args must be an AlphaDPOConfig (it holds the α-DPO hyper-parameters), got "
                             f"{type(args).__name__}")
+        pc = getattr(args, "parallelism_config", None)
+        if pc is not None and (getattr(pc, "cp_size", 1) > 1 or getattr(pc, "tp_size", 1) > 1):
+            # transformers would shard input_ids / attention_mask / position_ids but not TRL's completion_mask,
+            # and its loss scaling assumes token-mean losses: refused rather than trained on misaligned labels
+            raise ValueError(f"AlphaDPOTrainer does not take context / tensor parallelism yet (parallelism_config "
+                             f"cp_size={pc.cp_size}, tp_size={pc.tp_size}): use alphadpo-train --context-parallel / "
+                             "--tensor-parallel, or fused_sequence_logps / FusedAlphaDPOLoss with cp_group / tp_group")
         loss = args.loss_type[0]
         # built before DPOTrainer.__init__, which precomputes reference log-probs through compute_ref_log_probs
         self.alphadpo_loss = FusedAlphaDPOLoss(
