@@ -67,3 +67,30 @@ def cublas_on_cpu(monkeypatch):
     if _extension.cpu_module() is None:
         monkeypatch.setattr(torch_chunked.ExtensionEpilogue, "lse_update", torch_chunked.TorchEpilogue.lse_update)
         monkeypatch.setattr(torch_chunked.ExtensionEpilogue, "grad_logits", torch_chunked.TorchEpilogue.grad_logits)
+
+
+def free_port() -> int:
+    """A free TCP port on this machine, for a multi-process run's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def save_tiny_llama(path) -> str:
+    """A tiny float32 Llama (hidden 32, 2 layers, GQA) over the demo's tokenizer, saved to ``path``: what the
+    multi-process trainer tests load (partitioned by ZeRO-3, sharded by a tp_plan)."""
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from alphadpo_kernels.train.demo import ASSETS
+
+    vocab = len(AutoTokenizer.from_pretrained(os.path.join(ASSETS, "tokenizer")))
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return str(path)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -32,6 +31,7 @@ except Exception as exc:  # ImportError, or a DeepSpeed that cannot find an acce
                 "pip install deepspeed", allow_module_level=True)
 
 from conftest import rel_err  # noqa: E402
+from helpers import free_port, save_tiny_llama  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 CONFIGS = os.path.join(ROOT, "examples", "configs")
@@ -41,33 +41,16 @@ STEPS = ["--demo", "--max-steps", "4", "--gradient-accumulation-steps", "2", "--
 KEYS = ("train/loss", "train/margin_mean", "train/margin_std", "train/rewards/margins", "train/logps/ref_chosen")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> str:
     """A tiny Llama (hidden 32, 2 layers) saved in float32: ZeRO-3 partitions it while loading it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    from alphadpo_kernels.train.demo import ASSETS
-
-    vocab = len(AutoTokenizer.from_pretrained(os.path.join(ASSETS, "tokenizer")))
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def launch(config: str, out, model: str, *flags: str) -> dict:
     """``accelerate launch --config_file CONFIG --num_processes 2 -m alphadpo_kernels.train ...`` on the CPU."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.join(CONFIGS, config),
-           "--num_processes", "2", "--main_process_port", str(_free_port()), "--mixed_precision", "no",
+           "--num_processes", "2", "--main_process_port", str(free_port()), "--mixed_precision", "no",
            "-m", "alphadpo_kernels.train", *STEPS, "--model-name-or-path", model,
            "--per-device-train-batch-size", "4", "--output-dir", str(out), *flags]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
@@ -232,7 +215,7 @@ def test_alpha_dpo_trainer_zero3_two_processes_equal_one_process(tmp_path):
 
     two = tmp_path / "two"
     worker = os.path.join(os.path.dirname(__file__), "trl_zero3_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            worker, str(model_dir), str(two)]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TQDM_DISABLE="1",
                PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))

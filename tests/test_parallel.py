@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -20,20 +19,15 @@ import torch
 from alphadpo_kernels import LogpsOptions
 from alphadpo_kernels.ops.sequence_logps import parallel
 from conftest import rel_err
+from helpers import free_port
 
 WORKER = os.path.join(os.path.dirname(__file__), "parallel_worker.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(mode: str, nproc: int, tmp_path):
     out = tmp_path / mode
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(_free_port()), WORKER, mode, str(out)]
+           str(free_port()), WORKER, mode, str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
+
+from helpers import free_port, save_tiny_llama  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 WORKER = os.path.join(ROOT, "tests", "cp_train_worker.py")
@@ -30,26 +30,9 @@ STEPS = ["--demo", "--max-steps", "3", "--gradient-accumulation-steps", "2", "--
          "--logging-steps", "1", "--mixed-precision", "no", "--learning-rate", "1e-3", "--backend", "torch"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> str:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    from alphadpo_kernels.train.demo import ASSETS
-
-    vocab = len(AutoTokenizer.from_pretrained(os.path.join(ASSETS, "tokenizer")))
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def _env() -> dict:
@@ -61,7 +44,7 @@ def run(out, model: str, procs: int, batch: int, *flags: str) -> dict:
         cmd = [sys.executable, "-m", "alphadpo_kernels.train"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--master-port",
-               str(_free_port()), WORKER]
+               str(free_port()), WORKER]
     cmd += [*STEPS, "--model-name-or-path", model, "--per-device-train-batch-size", str(batch),
             "--per-device-eval-batch-size", str(batch), "--output-dir", str(out), *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
@@ -118,7 +101,7 @@ def test_parallel_run_equals_one_process(one_process, tiny_llama, tmp_path, proc
 def test_context_parallel_refuses_a_local_attention(tiny_llama, tmp_path):
     """eager attention under cp would attend within each rank's tokens only: refused by name."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), WORKER, *STEPS, "--model-name-or-path", tiny_llama, "--output-dir", str(tmp_path),
+           str(free_port()), WORKER, *STEPS, "--model-name-or-path", tiny_llama, "--output-dir", str(tmp_path),
            "--context-parallel", "2", "--attn-implementation", "eager"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT)
     assert proc.returncode != 0
