@@ -29,6 +29,7 @@ have no ring version: torch refuses them under ``context_parallel``), and tp run
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -97,18 +98,26 @@ class Parallel:
         if self.cp == 1:
             yield batch
             return
+        out = {k: v for k, v in batch.items() if k != "attention_mask"}
+        shard, enter = self.cp_shard(batch["input_ids"], batch["labels"])
+        out.update(shard)
+        with enter():
+            yield out
+
+    def cp_shard(self, input_ids: torch.Tensor, labels: torch.Tensor):
+        """``(inputs, enter)``: :func:`cp_inputs` of a right-padded batch plus an all-ones ``attention_mask``, and
+        ``enter()``, the context manager (torch's ``context_parallel`` over the cp mesh) inside which those tensors
+        are this rank's share, in place. The all-ones mask, not none: transformers then runs SDPA causal without a
+        mask (what ring attention takes), where ``position_ids`` without a mask would read the head-tail jump as
+        packed sequences and build a ``[T_local, T_local]`` mask."""
         from torch.distributed.tensor.experimental import context_parallel
 
-        out = {k: v for k, v in batch.items() if k != "attention_mask"}
-        out.update(cp_inputs(batch["input_ids"], batch["labels"], self.cp, self.ignore_index))
-        buffers = [out["input_ids"], out["labels"], out["position_ids"]]
-        with context_parallel(self.mesh["cp"], buffers=buffers, buffer_seq_dims=[1, 1, 1],
-                              no_restore_buffers=set(buffers)):
-            # an all-ones mask, not none: transformers then runs SDPA causal without a mask (what ring attention
-            # takes), where position_ids without a mask would read the head-tail jump as packed sequences and build
-            # a [T_local, T_local] mask
-            out["attention_mask"] = torch.ones_like(out["input_ids"])
-            yield out
+        out = cp_inputs(input_ids, labels, self.cp, self.ignore_index)
+        out["attention_mask"] = torch.ones_like(out["input_ids"])
+        buffers = list(out.values())
+        enter = functools.partial(context_parallel, self.mesh["cp"], buffers=buffers,
+                                  buffer_seq_dims=[1] * len(buffers), no_restore_buffers=set(buffers))
+        return out, enter
 
     def batches(self, loader):
         """``loader``'s batches, each yielded inside :meth:`sharded` (for passes that run nothing else meanwhile:
@@ -117,17 +126,25 @@ class Parallel:
             with self.sharded(batch) as shard:
                 yield shard
 
-    def gather_for_metrics(self, accelerator, t: torch.Tensor) -> torch.Tensor:
-        """``accelerator.gather_for_metrics`` over the data-parallel ranks only (the cp / tp ranks of a group hold
-        the same pairs: gathering them too would repeat every pair and cut the wrong ones off the last batch)."""
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` of every data-parallel rank, concatenated on dim 0 (the cp / tp ranks of a group hold the same
+        pairs: gathering them too would repeat every pair)."""
         import torch.distributed as dist
 
+        t = t.reshape(1) if t.dim() == 0 else t.contiguous()
+        if self.dp == 1:
+            return t
         parts = [torch.empty_like(t) for _ in range(self.dp)]
-        dist.all_gather(parts, t.contiguous(), group=self.dp_group)
-        out = torch.cat(parts)
+        dist.all_gather(parts, t, group=self.dp_group)
+        return torch.cat(parts)
+
+    def gather_for_metrics(self, accelerator, t: torch.Tensor) -> torch.Tensor:
+        """:meth:`gather`, less the padding accelerate's data loaders add to the last batch (``even_batches``), as
+        ``accelerator.gather_for_metrics`` drops it."""
+        out = self.gather(t)
         state = accelerator.gradient_state
         if state.end_of_dataloader and state.remainder > 0:
-            out = out[: state.remainder]  # the loader's even_batches padding, as accelerate drops it
+            out = out[: state.remainder]
         return out
 
 
@@ -152,7 +169,7 @@ def one_rank_groups():
     return group
 
 
-def setup(accelerator, pc, cfg: TrainConfig) -> Parallel | None:
+def setup(accelerator, pc) -> Parallel | None:
     """The run's :class:`Parallel` from accelerate's mesh (GPUs) or the same mesh built here (CPU); collective."""
     if pc is None:
         return None
@@ -170,7 +187,7 @@ def setup(accelerator, pc, cfg: TrainConfig) -> Parallel | None:
                     tp_mesh=mesh["tp"] if pc.tp_enabled else None)
 
 
-def check_attention(model, cp: int) -> None:
+def check_attention(model, cp: int, what: str = "--context-parallel") -> None:
     """Refuse an attention implementation that would silently attend within each rank's tokens only under cp."""
     if cp == 1:
         return
@@ -181,5 +198,5 @@ def check_attention(model, cp: int) -> None:
 
     fn = AttentionInterface._global_mapping.get(impl)
     if fn is None or not getattr(fn, "supports_context_parallel", False):
-        raise ConfigError(f"--context-parallel needs attn_implementation sdpa (ring attention, CUDA); the model uses "
+        raise ConfigError(f"{what} needs attn_implementation sdpa (ring attention, CUDA); the model uses "
                           f"{impl!r}, which would attend within each rank's share of the sequence only")

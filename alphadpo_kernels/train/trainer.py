@@ -308,7 +308,7 @@ def train(cfg: TrainConfig) -> dict:
     if world > 1 and (accelerator.num_processes != world or accelerator.distributed_type == DistributedType.NO):
         raise ConfigError(f"launched as {world} processes, but accelerate set up {accelerator.distributed_type} over "
                           f"{accelerator.num_processes}: each process would train its own copy of the job")
-    par = setup_parallel(accelerator, pc, cfg)  # None without cp / tp
+    par = setup_parallel(accelerator, pc)  # None without cp / tp
     tp_mesh = par.tp_mesh if par is not None else None
     set_seed(cfg.seed)
     started = time.time()
