@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 _SDPA = F.scaled_dot_product_attention  # torch's context_parallel swaps it while the inputs are sharded
+SHARDED_CALLS = [0]  # attention calls on a cp rank's share of the tokens (a run's check that cp was in force)
 
 
 def head_tail_positions(rank: int, cp: int, local: int) -> torch.Tensor:
@@ -49,6 +50,7 @@ def gather_attention(module, query, key, value, attention_mask, scaling=None, dr
     if F.scaled_dot_product_attention is not _SDPA:  # inside context_parallel: this rank holds its share
         from accelerate.state import AcceleratorState
 
+        SHARDED_CALLS[0] += 1
         mesh = AcceleratorState().device_mesh["cp"]  # the run's mesh (the trainer hands it to accelerate)
         group, cp, rank = mesh.get_group(), mesh.size(), mesh.get_local_rank()
         key, value = _Gather.apply(key, group, rank), _Gather.apply(value, group, rank)
@@ -67,12 +69,17 @@ def gather_attention(module, query, key, value, attention_mask, scaling=None, dr
 gather_attention.supports_context_parallel = True
 
 
-def main() -> None:
+def register_cp_gather() -> None:
+    """``attn_implementation="cp_gather"`` for transformers models."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     AttentionInterface.register("cp_gather", gather_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register("cp_gather", sdpa_mask)
+
+
+def main() -> None:
+    register_cp_gather()
 
     from alphadpo_kernels.train.trainer import main as train_main
 

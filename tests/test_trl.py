@@ -35,9 +35,9 @@ COMPARED = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/
             "logps/chosen", "logps/rejected", "num_tokens")
 
 
-def _save_model(folder, config_cls=LlamaConfig, **extra):
+def _save_model(folder, config_cls=LlamaConfig, vocab_size=None, **extra):
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
-    config = config_cls(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = config_cls(vocab_size=vocab_size or len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **extra)
     torch.manual_seed(0)
@@ -331,13 +331,3 @@ def test_config_takes_the_sft_term(tmp_path):
                       (dict(loss_type=["sigmoid", "ipo", "sft"]), "one loss type")):
         with pytest.raises(ValueError, match=match):
             AlphaDPOConfig(**out, **kw)
-
-
-def test_context_or_tensor_parallel_is_refused_by_name(model_dir, dataset, tmp_path):
-    """transformers would shard the tokens but not TRL's completion mask: refused before any work."""
-    from accelerate.parallelism_config import ParallelismConfig
-
-    for sizes in (dict(cp_size=2), dict(tp_size=2)):
-        args = AlphaDPOConfig(**_common(tmp_path, "pc"), parallelism_config=ParallelismConfig(**sizes))
-        with pytest.raises(ValueError, match="AlphaDPOTrainer does not take context / tensor parallelism"):
-            AlphaDPOTrainer(model=model_dir, train_dataset=dataset, args=args)

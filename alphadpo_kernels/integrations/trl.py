@@ -37,6 +37,10 @@ What changes against the stock ``trl.DPOTrainer``:
   than ``[1.0]`` / ``[1.0, w]`` with ``"sft"``, ``ld_alpha``,
   ``f_divergence_type`` other than ``reverse_kl``, ``use_weighting``, ``label_smoothing`` with ``ipo``,
   ``sync_ref_model`` with ``simpo`` (which loads no reference model at all).
+* Context and tensor parallelism through accelerate's ``ParallelismConfig`` (``cp_size``, ``tp_size``): under cp the
+  labels come from the completion mask and are shifted before the tokens are sharded, each sequence's log-prob is
+  summed over the cp group, the loss is scaled by cp for the backward only, and α-DPO's statistics and the logged
+  metrics are gathered over the data-parallel ranks only (see docs/parallel.md).
 * Examples whose chosen or rejected row would have no scored completion token (empty, or truncated away by
   ``max_length``) are dropped, with a warning, where TRL would score them as 0.
 """
@@ -44,6 +48,7 @@ What changes against the stock ``trl.DPOTrainer``:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -73,6 +78,7 @@ from trl.trainer.utils import use_adapter
 from ..loss import FusedAlphaDPOLoss
 from ..losses import canonical_loss_type, needs_reference
 from ..ops.sequence_logps import LogpsOptions
+from ..ops.sequence_logps.parallel import is_dtensor
 from ..train.modeling import (
     decoder_of,
     disable_dropout,
@@ -83,6 +89,7 @@ from ..train.modeling import (
     text_config_of,
     verify_head,
 )
+from ..train.parallel import check_attention
 
 __all__ = ["AlphaDPOConfig", "AlphaDPOTrainer", "AlphaDPOModelOutput", "add_alphadpo_head"]
 logger = get_logger(__name__)
@@ -95,7 +102,10 @@ if not TRL_RANGE[0] <= Version(trl.__version__) < TRL_RANGE[1]:  # pragma: no co
 LOSS_TYPES = ("alpha_dpo", "simpo", "sigmoid", "ipo")
 BACKENDS = ("auto", "triton", "torch", "cublas")
 STATE_NAME = "alphadpo_loss_state.pt"
-_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "alphadpo_labels",
+                   "alphadpo_scored", "alphadpo_tokens"}
+# what a context-parallel batch may hold: TRL's text collator's keys (vision inputs are not sharded)
+_CP_KEYS = {"input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 _DEFAULT_BETA = {"alpha_dpo": 2.5, "simpo": 2.5, "sigmoid": 0.1, "ipo": 0.1}
 
 
@@ -213,6 +223,10 @@ class LogpsRequest:
     average: bool
     backend: str = "auto"
     options: LogpsOptions | None = None
+    # context parallel: labels arrive shifted and sharded with the tokens, each row's log-prob summed over the group
+    cp_group: object = None
+    # tensor parallel: a head sharded Shard(0) on the vocabulary (transformers' tp_plan) is reduced over this group
+    tp_group: object = None
 
 
 def _scored_on_both_sides(example, max_length, mode) -> bool:
@@ -247,7 +261,9 @@ def add_alphadpo_head(model: torch.nn.Module) -> None:
     then :func:`fused_sequence_logps` on the last hidden states and ``labels`` (shifted inside: labels are the
     input ids with ``-100`` off the completion) within the LM head module's call, and returns
     :class:`AlphaDPOModelOutput` with ``logps`` ``[rows]``; the logits are never built. Without it, the forward is
-    the previous one (TRL's fused head, or the model's own). Idempotent."""
+    the previous one (TRL's fused head, or the model's own). Under context parallelism (``cp_group`` in the request)
+    ``labels`` are this rank's share of the labels shifted before sharding, and every rank gets the whole rows'
+    log-probs. Idempotent."""
     if getattr(model, "_alphadpo_head", False):
         return
     previous = model.forward
@@ -266,9 +282,12 @@ def add_alphadpo_head(model: torch.nn.Module) -> None:
         backbone_out = _backbone(self)(*args, **kwargs)
         device = head_of(self).weight.device
         # a model split over devices (device_map) may end its backbone on another device than the head
+        req = alphadpo_logps
+        # a reference model loaded without the tp_plan keeps a whole head: it needs no vocabulary reduction
+        tp_group = req.tp_group if req.tp_group is not None and is_dtensor(head_of(self).weight) else None
         logps = head_logps(self, hidden_of(backbone_out).to(device), labels.to(device), ignore_index=-100,
-                           average=alphadpo_logps.average, shift=True, backend=alphadpo_logps.backend,
-                           options=alphadpo_logps.options)
+                           average=req.average, shift=req.cp_group is None, backend=req.backend,
+                           options=req.options, cp_group=req.cp_group, tp_group=tp_group)
         aux_loss = None
         if kwargs.get("output_router_logits"):
             aux_loss = _router_aux_loss(self, text_config, backbone_out.router_logits, kwargs.get("attention_mask"))
@@ -288,7 +307,8 @@ def _verifiable(model) -> bool:
             return False
     except ImportError:  # pragma: no cover
         pass
-    return not any(p.is_meta or p.numel() == 0 for p in model.parameters())
+    # a tensor-parallel model holds DTensor shards: its logits are the tp_plan's, not h·Wᵀ of a local shard
+    return not any(p.is_meta or p.numel() == 0 or is_dtensor(p) for p in model.parameters())
 
 
 @contextlib.contextmanager
@@ -348,13 +368,7 @@ class AlphaDPOTrainer(DPOTrainer):
         if not isinstance(args, AlphaDPOConfig):
             raise TypeError(f"args must be an AlphaDPOConfig (it holds the α-DPO hyper-parameters), got "
                             f"{type(args).__name__}")
-        pc = getattr(args, "parallelism_config", None)
-        if pc is not None and (getattr(pc, "cp_size", 1) > 1 or getattr(pc, "tp_size", 1) > 1):
-            # transformers would shard input_ids / attention_mask / position_ids but not TRL's completion_mask,
-            # and its loss scaling assumes token-mean losses: refused rather than trained on misaligned labels
-            raise ValueError(f"AlphaDPOTrainer does not take context / tensor parallelism yet (parallelism_config "
-                             f"cp_size={pc.cp_size}, tp_size={pc.tp_size}): use alphadpo-train --context-parallel / "
-                             "--tensor-parallel, or fused_sequence_logps / FusedAlphaDPOLoss with cp_group / tp_group")
+        self._par = None  # context / tensor parallelism (set with the accelerator: _setup_parallel)
         loss = args.loss_type[0]
         # built before DPOTrainer.__init__, which precomputes reference log-probs through compute_ref_log_probs
         self.alphadpo_loss = FusedAlphaDPOLoss(
@@ -372,6 +386,85 @@ class AlphaDPOTrainer(DPOTrainer):
         with _patch_alongside_trl(self):
             super().__init__(model, ref_model, args, *pos, **kwargs)
         self.alphadpo_loss.to(self.accelerator.device)
+
+    # -- context / tensor parallelism ---------------------------------------------------------------------------
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        self._setup_parallel()
+
+    def _setup_parallel(self) -> None:
+        """Under accelerate's ``ParallelismConfig`` with ``cp_size`` or ``tp_size`` > 1 (or a model loaded with a
+        ``tp_plan``): the groups the fused op and the loss use, α-DPO's statistics over the data-parallel ranks
+        only, and what is not supported refused by name. Collective (runs on every rank inside ``__init__``)."""
+        pc = getattr(self.accelerator, "parallelism_config", None)
+        if pc is None:
+            return
+        if pc.sp_enabled:
+            raise ValueError(f"AlphaDPOTrainer does not take sequence parallelism (parallelism_config sp_size="
+                             f"{pc.sp_size}): use cp_size (context parallelism over torch's ring attention)")
+        if not (pc.cp_enabled or pc.tp_enabled):
+            return
+        if pc.cp_enabled and pc.cp_backend != "torch":
+            raise ValueError(f"parallelism_config cp_backend={pc.cp_backend!r}: AlphaDPOTrainer shards sequences "
+                             "with torch's context_parallel (cp_backend='torch')")
+        refused = {"PEFT adapters": is_peft_model(self.model),
+                   "padding_free": bool(self.args.padding_free) and pc.cp_enabled,
+                   "the MoE router loss (router_aux_loss_coef with output_router_logits)":
+                       pc.cp_enabled and bool(getattr(text_config_of(self.model), "output_router_logits", False))}
+        bad = [name for name, is_set in refused.items() if is_set]
+        if bad:
+            raise ValueError(f"AlphaDPOTrainer does not take {', '.join(bad)} together with context / tensor "
+                             f"parallelism (parallelism_config cp_size={pc.cp_size}, tp_size={pc.tp_size})")
+        if pc.cp_enabled:
+            check_attention(self.model, pc.cp_size, what=f"parallelism_config cp_size={pc.cp_size}")
+        from ..train.parallel import setup
+
+        self._par = setup(self.accelerator, pc)
+        # the ranks of one cp / tp group hold the same pairs: the margin statistics must not count them twice
+        self.alphadpo_loss.process_group = self._par.dp_group
+
+    def _logps_request_now(self) -> LogpsRequest:
+        par = self._par
+        if par is None:
+            return self._logps_request
+        return dataclasses.replace(self._logps_request, cp_group=par.cp_group, tp_group=par.tp_mesh)
+
+    def _prepare_context_parallel_inputs(self, model, inputs):
+        """transformers' hook around every training step (and, here, every evaluation and reference batch): under
+        cp, the labels are built from TRL's ``completion_mask`` and shifted *before* sharding, the scored-token
+        counts taken from the whole rows, and ``input_ids``, labels, ``position_ids`` and an all-ones attention
+        mask become this rank's head-tail share inside the returned context (torch's ``context_parallel``)."""
+        par = self._par
+        if par is None or par.cp == 1 or "alphadpo_labels" in inputs:
+            return contextlib.nullcontext, inputs
+        extra = sorted(set(inputs) - _CP_KEYS)
+        if extra:
+            raise ValueError(f"context parallelism shards text batches only; this batch also holds {extra}")
+        labels = self._labels(inputs)  # every row checked for a scored token on the whole sequence
+        shard, enter = par.cp_shard(inputs["input_ids"], labels)
+        out = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        out.update(input_ids=shard["input_ids"], attention_mask=shard["attention_mask"],
+                   position_ids=shard["position_ids"], alphadpo_labels=shard["labels"],
+                   alphadpo_scored=self._scored(inputs), alphadpo_tokens=inputs["attention_mask"].sum())
+        return enter, out
+
+    def training_step(self, *args, **kwargs):
+        # the loss was multiplied by cp for backward() (see _compute_loss); what is logged is the plain loss
+        loss = super().training_step(*args, **kwargs)
+        return loss / self._par.loss_scale if self._par is not None else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys: list[str] | None = None):
+        cp_context, inputs = self._prepare_context_parallel_inputs(model, inputs)
+        with cp_context():
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        return self._par.gather(t) if self._par is not None else self.accelerator.gather(t)
+
+    def _gather_for_metrics(self, t: torch.Tensor) -> torch.Tensor:
+        if self._par is not None:
+            return self._par.gather_for_metrics(self.accelerator, t)
+        return self.accelerator.gather_for_metrics(t)
 
     # -- data ---------------------------------------------------------------------------------------------------
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -393,6 +486,8 @@ class AlphaDPOTrainer(DPOTrainer):
         return model.get_base_model() if is_peft_model(model) else model
 
     def _labels(self, inputs) -> torch.Tensor:
+        if "alphadpo_labels" in inputs:  # context parallel: shifted before sharding, this rank's share
+            return inputs["alphadpo_labels"]
         completion = inputs["completion_mask"]
         live = completion[:, 1:].sum(1)  # a label is scored from the position before it
         if bool((live == 0).any()):
@@ -403,6 +498,13 @@ class AlphaDPOTrainer(DPOTrainer):
                              f"(max_length={self.args.max_length} truncates it away, or it is empty); raise "
                              "max_length or drop such examples")
         return inputs["input_ids"].masked_fill(completion == 0, -100)
+
+    @staticmethod
+    def _scored(inputs) -> torch.Tensor:
+        """``[2P]`` scored completion tokens per row (a label is scored from the position before it)."""
+        if "alphadpo_scored" in inputs:  # context parallel: counted on the whole rows before sharding
+            return inputs["alphadpo_scored"]
+        return inputs["completion_mask"][:, 1:].sum(1)
 
     @staticmethod
     def _model_kwargs(inputs) -> dict:
@@ -419,7 +521,7 @@ class AlphaDPOTrainer(DPOTrainer):
         if not getattr(self._patch_target(model), "_alphadpo_head", False):
             raise RuntimeError(f"{type(model).__name__} was replaced after AlphaDPOTrainer was built: its forward "
                                "has no alphadpo_logps argument (call add_alphadpo_head on it before wrapping it)")
-        return model(**model_kwargs, labels=labels, alphadpo_logps=self._logps_request)
+        return model(**model_kwargs, labels=labels, alphadpo_logps=self._logps_request_now())
 
     # -- reference log-probs ------------------------------------------------------------------------------------
     def _precompute_ref_logps(self, dataset, name, batch_size):
@@ -430,14 +532,20 @@ class AlphaDPOTrainer(DPOTrainer):
         # our values (length-normalised or summed, our kernels) must never be read back as TRL's or vice versa
         self._precompute_model_hash = Hasher.hash((base, "alphadpo_kernels", self.args.average_log_prob,
                                                    head_transform_of(self._patch_target(model))))
+        if self._par is not None:  # TRL gathers over every process: the ranks of a cp / tp group repeat the pairs
+            self.accelerator.gather_for_metrics = lambda data, *a, **k: tuple(self._gather_for_metrics(t)
+                                                                                for t in data)
         try:
             return super()._precompute_ref_logps(dataset, name, batch_size)
         finally:
             self._precompute_model_hash = base
+            vars(self.accelerator).pop("gather_for_metrics", None)
 
     def compute_ref_log_probs(self, model, inputs):
         """``[P], [P]`` reference log-probs of one padded batch, from this package's fused op."""
-        with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+        cp_context, inputs = self._prepare_context_parallel_inputs(model, inputs)
+        with (cp_context(), torch.no_grad(),
+              disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
               self._reference_adapter(), self.accelerator.autocast()):
             logps = self._model_logps(model, self._model_kwargs(inputs), self._labels(inputs)).logps.float()
         return logps.chunk(2, dim=0)
@@ -469,16 +577,21 @@ class AlphaDPOTrainer(DPOTrainer):
 
         self.alphadpo_loss.train(mode == "train")  # the margin statistics move in training only
         counts = None
-        if self.alphadpo_loss.nll_weight:  # scored chosen tokens: a label is scored from the position before it
-            counts = inputs["completion_mask"][:, 1:].sum(1).chunk(2, dim=0)[0]
+        if self.alphadpo_loss.nll_weight:  # scored chosen tokens
+            counts = self._scored(inputs).chunk(2, dim=0)[0]
         out = self.alphadpo_loss.loss_from_logps(chosen_logps, rejected_logps, ref_chosen, ref_rejected,
                                                  chosen_token_counts=counts)
         loss = out.loss
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(
-                self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item())
+                self._gather_for_metrics(outputs.aux_loss.detach()).mean().item())
         self._log_metrics(mode, inputs, out)
+        if mode == "train" and self._par is not None and self._par.loss_scale != 1:
+            # every cp rank holds the whole loss but only its own tokens' share of the gradients, and the
+            # data-parallel reduction (FSDP2 over dp_shard_cp) averages over cp too: ×cp makes it the sum over cp
+            # and the mean over data-parallel ranks (training_step logs the plain loss)
+            loss = loss * self._par.loss_scale
 
         if return_outputs:
             warnings.warn("`return_outputs=True` recomputes the logits with an extra forward pass (the fused loss "
@@ -488,10 +601,14 @@ class AlphaDPOTrainer(DPOTrainer):
         return (loss, outputs) if return_outputs else loss
 
     def _log_metrics(self, mode, inputs, out) -> None:
-        metrics, gather = self._metrics[mode], self.accelerator.gather
+        metrics, gather = self._metrics[mode], self._gather
         if mode == "train":
-            tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
-            self._total_train_tokens += tokens // self._tp_size
+            if self._par is not None:  # over the data-parallel ranks; under cp counted before sharding
+                tokens = self._gather_for_metrics(inputs.get("alphadpo_tokens", inputs["attention_mask"].sum()))
+                self._total_train_tokens += tokens.sum().item()
+            else:
+                tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+                self._total_train_tokens += tokens // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
         chosen, rejected = gather(out.chosen_rewards), gather(out.rejected_rewards)
         metrics["rewards/chosen"].append(chosen.mean().item())
