@@ -98,6 +98,7 @@ class Parallel:
         if self.cp == 1:
             yield batch
             return
+        self.check_same_rows(batch["input_ids"])
         out = {k: v for k, v in batch.items() if k != "attention_mask"}
         shard, enter = self.cp_shard(batch["input_ids"], batch["labels"])
         out.update(shard)
@@ -138,14 +139,54 @@ class Parallel:
         dist.all_gather(parts, t, group=self.dp_group)
         return torch.cat(parts)
 
-    def gather_for_metrics(self, accelerator, t: torch.Tensor) -> torch.Tensor:
-        """:meth:`gather`, less the padding accelerate's data loaders add to the last batch (``even_batches``), as
-        ``accelerator.gather_for_metrics`` drops it."""
-        out = self.gather(t)
+    def gather_for_metrics(self, accelerator, data, use_gather_object: bool = False):
+        """``accelerator.gather_for_metrics`` over the data-parallel ranks only: :meth:`gather` of every tensor in
+        ``data`` (nested lists / tuples / dicts; other objects with ``torch.distributed.all_gather_object``), less
+        the padding accelerate's data loaders add to the last batch (``even_batches``), as accelerate drops it."""
+        import torch.distributed as dist
+        from accelerate.utils import recursively_apply
+
         state = accelerator.gradient_state
-        if state.end_of_dataloader and state.remainder > 0:
-            out = out[: state.remainder]
-        return out
+        cut = state.end_of_dataloader and state.remainder > 0
+
+        def tensor(t):
+            out = self.gather(t)
+            return out[: state.remainder] if cut else out
+
+        if not use_gather_object and _all_tensors(data):
+            return recursively_apply(tensor, data)
+        parts = [None] * self.dp
+        dist.all_gather_object(parts, data, group=self.dp_group)
+        out = [x for part in parts for x in (part if isinstance(part, (list, tuple)) else [part])]
+        return out[: state.remainder] if cut else out
+
+    def check_same_rows(self, input_ids: torch.Tensor) -> None:
+        """Raise, on every rank of the cp group alike, unless they all hold the same batch: ring attention over
+        different rows would mix sequences. accelerate's data loaders give a cp group the same rows; a dispatching
+        loader (``dispatch_batches``, iterable data sets) splits over every process instead. One all-gather of
+        three integers."""
+        import torch.distributed as dist
+
+        rows, width = input_ids.shape
+        weights = torch.arange(1, width + 1, device=input_ids.device, dtype=torch.long)
+        probe = torch.stack([torch.tensor(rows, device=input_ids.device), torch.tensor(width, device=input_ids.device),
+                             (input_ids.long() * weights).sum()]).long()
+        parts = [torch.empty_like(probe) for _ in range(self.cp)]
+        dist.all_gather(parts, probe, group=self.cp_group)
+        if any(not torch.equal(part, parts[0]) for part in parts[1:]):
+            raise ValueError("context parallelism: the ranks of one cp group received different batches (their rows "
+                             "would be mixed by ring attention); use accelerate's default data loaders, without "
+                             "dispatch_batches, and map-style data sets")
+
+
+def _all_tensors(data) -> bool:
+    if isinstance(data, torch.Tensor):
+        return True
+    if isinstance(data, (list, tuple)):
+        return all(_all_tensors(x) for x in data)
+    if isinstance(data, dict):
+        return all(_all_tensors(x) for x in data.values())
+    return False
 
 
 def cp_inputs(input_ids: torch.Tensor, labels: torch.Tensor, cp: int, ignore_index: int = -100) -> dict:
@@ -188,9 +229,14 @@ def setup(accelerator, pc) -> Parallel | None:
 
 
 def check_attention(model, cp: int, what: str = "--context-parallel") -> None:
-    """Refuse an attention implementation that would silently attend within each rank's tokens only under cp."""
+    """Refuse, under cp, a model whose layers sharding cannot express (transformers' ``supports_context_parallel``)
+    and an attention implementation that would silently attend within each rank's tokens only."""
     if cp == 1:
         return
+    if getattr(model, "supports_context_parallel", True) is False:  # transformers' own verdict on the layers
+        raise ConfigError(f"{what}: {type(model).__name__} does not support context parallelism (sliding-window or "
+                          "chunked attention layers, or a recurrent state along the sequence, which sharding would "
+                          "silently turn into full causal attention or cut at each rank's share)")
     impl = getattr(model.config, "_attn_implementation", None)
     if impl in CP_ATTENTION:
         return
