@@ -57,12 +57,17 @@ def refusals(model_dir: str, out: str, cases: list[dict]) -> None:
     for case in cases:
         case = dict(case)
         sizes, attn, lora = case.pop("sizes"), case.pop("attn", "cp_gather"), case.pop("lora", False)
+        model, metrics = case.pop("model", model_dir), case.pop("compute_metrics", False)
         kwargs = config_kwargs(out, parallelism_config=ParallelismConfig(**sizes),
                                model_init_kwargs={"attn_implementation": attn}, **case)
         extra = {"peft_config": LoraConfig(r=4, target_modules=["q_proj", "v_proj"])} if lora else {}
+        if metrics:
+            extra["compute_metrics"] = lambda prediction: {}
         try:
-            AlphaDPOTrainer(model=model_dir, args=AlphaDPOConfig(**kwargs), **datasets_in(os.path.join(out, "data")),
-                            **extra)
+            trainer = AlphaDPOTrainer(model=model, args=AlphaDPOConfig(**kwargs),
+                                      **datasets_in(os.path.join(out, "data")), **extra)
+            if metrics:
+                trainer.evaluate()
         except ValueError as exc:
             messages.append(str(exc))
         else:
@@ -85,6 +90,7 @@ def main(model_dir: str, out: str, spec: str) -> None:
         return refusals(model_dir, out, spec["refusals"])
     sizes = spec.pop("sizes")
     attn = spec.pop("attn", "cp_gather")
+    eval_size = spec.pop("eval_size", 4)
     kwargs = config_kwargs(out, **spec)
     kwargs["parallelism_config"] = ParallelismConfig(**sizes)
     init = kwargs.setdefault("model_init_kwargs", {})
@@ -93,7 +99,7 @@ def main(model_dir: str, out: str, spec: str) -> None:
     if sizes.get("tp_size", 1) > 1:
         init["tp_plan"] = "auto"
     trainer = AlphaDPOTrainer(model=model_dir, args=AlphaDPOConfig(**kwargs),
-                              **datasets_in(os.path.join(out, "data")))
+                              **datasets_in(os.path.join(out, "data"), eval_size))
     trainer.train()
     rank = dist.get_rank()
     loss = trainer.alphadpo_loss

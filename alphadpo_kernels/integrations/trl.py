@@ -37,7 +37,8 @@ What changes against the stock ``trl.DPOTrainer``:
   than ``[1.0]`` / ``[1.0, w]`` with ``"sft"``, ``ld_alpha``,
   ``f_divergence_type`` other than ``reverse_kl``, ``use_weighting``, ``label_smoothing`` with ``ipo``,
   ``sync_ref_model`` with ``simpo`` (which loads no reference model at all).
-* Context and tensor parallelism through accelerate's ``ParallelismConfig`` (``cp_size``, ``tp_size``): under cp the
+* Context parallelism through accelerate's ``ParallelismConfig`` (``cp_size``), tensor parallelism through a model
+  loaded with ``tp_plan="auto"`` (not both): under cp the
   labels come from the completion mask and are shifted before the tokens are sharded, each sequence's log-prob is
   summed over the cp group, the loss is scaled by cp for the backward only, and α-DPO's statistics and the logged
   metrics are gathered over the data-parallel ranks only (see docs/parallel.md).
@@ -404,10 +405,17 @@ class AlphaDPOTrainer(DPOTrainer):
                              f"{pc.sp_size}): use cp_size (context parallelism over torch's ring attention)")
         if not (pc.cp_enabled or pc.tp_enabled):
             return
+        if pc.cp_enabled and pc.tp_enabled:
+            # transformers shards a tp_plan model over every process at load time and sets tp_size from it
+            raise ValueError(f"AlphaDPOTrainer takes context or tensor parallelism, not both (parallelism_config "
+                             f"cp_size={pc.cp_size}, tp_size={pc.tp_size}); alphadpo-train composes them on GPUs")
         if pc.cp_enabled and pc.cp_backend != "torch":
             raise ValueError(f"parallelism_config cp_backend={pc.cp_backend!r}: AlphaDPOTrainer shards sequences "
                              "with torch's context_parallel (cp_backend='torch')")
+        dispatch = getattr(self.args.accelerator_config, "dispatch_batches", None)
         refused = {"PEFT adapters": is_peft_model(self.model),
+                   "dispatch_batches (it splits batches over every process, cp ranks included)":
+                       pc.cp_enabled and bool(dispatch),
                    "padding_free": bool(self.args.padding_free) and pc.cp_enabled,
                    "the MoE router loss (router_aux_loss_coef with output_router_logits)":
                        pc.cp_enabled and bool(getattr(text_config_of(self.model), "output_router_logits", False))}
@@ -420,8 +428,14 @@ class AlphaDPOTrainer(DPOTrainer):
         from ..train.parallel import setup
 
         self._par = setup(self.accelerator, pc)
-        # the ranks of one cp / tp group hold the same pairs: the margin statistics must not count them twice
+        # the ranks of one cp / tp group hold the same pairs: the margin statistics must not count them twice, and
+        # whatever gathers for metrics (transformers' evaluation loop, TRL's reference precompute, the logs) gathers
+        # over the data-parallel ranks only, where gathering every process would repeat each pair cp · tp times and
+        # cut the wrong rows off an uneven last batch
         self.alphadpo_loss.process_group = self._par.dp_group
+        self.accelerator.gather_for_metrics = functools.partial(self._par.gather_for_metrics, self.accelerator)
+        self.gather_function = functools.partial(self.accelerator.gather_for_metrics,
+                                                 use_gather_object=self.args.eval_use_gather_object)
 
     def _logps_request_now(self) -> LogpsRequest:
         par = self._par
@@ -440,6 +454,7 @@ class AlphaDPOTrainer(DPOTrainer):
         extra = sorted(set(inputs) - _CP_KEYS)
         if extra:
             raise ValueError(f"context parallelism shards text batches only; this batch also holds {extra}")
+        par.check_same_rows(inputs["input_ids"])
         labels = self._labels(inputs)  # every row checked for a scored token on the whole sequence
         shard, enter = par.cp_shard(inputs["input_ids"], labels)
         out = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
@@ -454,17 +469,16 @@ class AlphaDPOTrainer(DPOTrainer):
         return loss / self._par.loss_scale if self._par is not None else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys: list[str] | None = None):
+        if not prediction_loss_only and self._par is not None and self._par.cp > 1:
+            raise ValueError("compute_metrics / prediction_loss_only=False under context parallelism: the logits "
+                             "and labels would be each rank's share of the tokens; evaluate the loss and the logged "
+                             "metrics only")
         cp_context, inputs = self._prepare_context_parallel_inputs(model, inputs)
         with cp_context():
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
         return self._par.gather(t) if self._par is not None else self.accelerator.gather(t)
-
-    def _gather_for_metrics(self, t: torch.Tensor) -> torch.Tensor:
-        if self._par is not None:
-            return self._par.gather_for_metrics(self.accelerator, t)
-        return self.accelerator.gather_for_metrics(t)
 
     # -- data ---------------------------------------------------------------------------------------------------
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -532,14 +546,10 @@ class AlphaDPOTrainer(DPOTrainer):
         # our values (length-normalised or summed, our kernels) must never be read back as TRL's or vice versa
         self._precompute_model_hash = Hasher.hash((base, "alphadpo_kernels", self.args.average_log_prob,
                                                    head_transform_of(self._patch_target(model))))
-        if self._par is not None:  # TRL gathers over every process: the ranks of a cp / tp group repeat the pairs
-            self.accelerator.gather_for_metrics = lambda data, *a, **k: tuple(self._gather_for_metrics(t)
-                                                                                for t in data)
         try:
             return super()._precompute_ref_logps(dataset, name, batch_size)
         finally:
             self._precompute_model_hash = base
-            vars(self.accelerator).pop("gather_for_metrics", None)
 
     def compute_ref_log_probs(self, model, inputs):
         """``[P], [P]`` reference log-probs of one padded batch, from this package's fused op."""
@@ -585,7 +595,7 @@ class AlphaDPOTrainer(DPOTrainer):
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(
-                self._gather_for_metrics(outputs.aux_loss.detach()).mean().item())
+                self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item())
         self._log_metrics(mode, inputs, out)
         if mode == "train" and self._par is not None and self._par.loss_scale != 1:
             # every cp rank holds the whole loss but only its own tokens' share of the gradients, and the
@@ -604,7 +614,8 @@ class AlphaDPOTrainer(DPOTrainer):
         metrics, gather = self._metrics[mode], self._gather
         if mode == "train":
             if self._par is not None:  # over the data-parallel ranks; under cp counted before sharding
-                tokens = self._gather_for_metrics(inputs.get("alphadpo_tokens", inputs["attention_mask"].sum()))
+                tokens = self.accelerator.gather_for_metrics(inputs.get("alphadpo_tokens",
+                                                                        inputs["attention_mask"].sum()))
                 self._total_train_tokens += tokens.sum().item()
             else:
                 tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
