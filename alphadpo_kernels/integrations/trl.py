@@ -91,6 +91,7 @@ from ..train.modeling import (
     verify_head,
 )
 from ..train.parallel import check_attention
+from ..train.parallel import setup as setup_parallel
 
 __all__ = ["AlphaDPOConfig", "AlphaDPOTrainer", "AlphaDPOModelOutput", "add_alphadpo_head"]
 logger = get_logger(__name__)
@@ -425,9 +426,9 @@ class AlphaDPOTrainer(DPOTrainer):
                              f"parallelism (parallelism_config cp_size={pc.cp_size}, tp_size={pc.tp_size})")
         if pc.cp_enabled:
             check_attention(self.model, pc.cp_size, what=f"parallelism_config cp_size={pc.cp_size}")
-        from ..train.parallel import setup
-
-        self._par = setup(self.accelerator, pc)
+        self._par = setup_parallel(self.accelerator, pc)
+        self._logps_request = dataclasses.replace(self._logps_request, cp_group=self._par.cp_group,
+                                                  tp_group=self._par.tp_mesh)
         # the ranks of one cp / tp group hold the same pairs: the margin statistics must not count them twice, and
         # whatever gathers for metrics (transformers' evaluation loop, TRL's reference precompute, the logs) gathers
         # over the data-parallel ranks only, where gathering every process would repeat each pair cp · tp times and
@@ -436,12 +437,6 @@ class AlphaDPOTrainer(DPOTrainer):
         self.accelerator.gather_for_metrics = functools.partial(self._par.gather_for_metrics, self.accelerator)
         self.gather_function = functools.partial(self.accelerator.gather_for_metrics,
                                                  use_gather_object=self.args.eval_use_gather_object)
-
-    def _logps_request_now(self) -> LogpsRequest:
-        par = self._par
-        if par is None:
-            return self._logps_request
-        return dataclasses.replace(self._logps_request, cp_group=par.cp_group, tp_group=par.tp_mesh)
 
     def _prepare_context_parallel_inputs(self, model, inputs):
         """transformers' hook around every training step (and, here, every evaluation and reference batch): under
@@ -454,7 +449,6 @@ class AlphaDPOTrainer(DPOTrainer):
         extra = sorted(set(inputs) - _CP_KEYS)
         if extra:
             raise ValueError(f"context parallelism shards text batches only; this batch also holds {extra}")
-        par.check_same_rows(inputs["input_ids"])
         labels = self._labels(inputs)  # every row checked for a scored token on the whole sequence
         shard, enter = par.cp_shard(inputs["input_ids"], labels)
         out = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
@@ -535,7 +529,7 @@ class AlphaDPOTrainer(DPOTrainer):
         if not getattr(self._patch_target(model), "_alphadpo_head", False):
             raise RuntimeError(f"{type(model).__name__} was replaced after AlphaDPOTrainer was built: its forward "
                                "has no alphadpo_logps argument (call add_alphadpo_head on it before wrapping it)")
-        return model(**model_kwargs, labels=labels, alphadpo_logps=self._logps_request_now())
+        return model(**model_kwargs, labels=labels, alphadpo_logps=self._logps_request)
 
     # -- reference log-probs ------------------------------------------------------------------------------------
     def _precompute_ref_logps(self, dataset, name, batch_size):
@@ -613,13 +607,10 @@ class AlphaDPOTrainer(DPOTrainer):
     def _log_metrics(self, mode, inputs, out) -> None:
         metrics, gather = self._metrics[mode], self._gather
         if mode == "train":
-            if self._par is not None:  # over the data-parallel ranks; under cp counted before sharding
-                tokens = self.accelerator.gather_for_metrics(inputs.get("alphadpo_tokens",
-                                                                        inputs["attention_mask"].sum()))
-                self._total_train_tokens += tokens.sum().item()
-            else:
-                tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
-                self._total_train_tokens += tokens // self._tp_size
+            # under cp / tp gather_for_metrics runs over the data-parallel ranks only (_setup_parallel), so no
+            # division by TRL's _tp_size; under cp the tokens were counted before sharding
+            tokens = inputs.get("alphadpo_tokens", inputs["attention_mask"].sum())
+            self._total_train_tokens += self.accelerator.gather_for_metrics(tokens).sum().item()
         metrics["num_tokens"] = [self._total_train_tokens]
         chosen, rejected = gather(out.chosen_rewards), gather(out.rejected_rewards)
         metrics["rewards/chosen"].append(chosen.mean().item())

@@ -98,7 +98,6 @@ class Parallel:
         if self.cp == 1:
             yield batch
             return
-        self.check_same_rows(batch["input_ids"])
         out = {k: v for k, v in batch.items() if k != "attention_mask"}
         shard, enter = self.cp_shard(batch["input_ids"], batch["labels"])
         out.update(shard)
@@ -110,9 +109,11 @@ class Parallel:
         ``enter()``, the context manager (torch's ``context_parallel`` over the cp mesh) inside which those tensors
         are this rank's share, in place. The all-ones mask, not none: transformers then runs SDPA causal without a
         mask (what ring attention takes), where ``position_ids`` without a mask would read the head-tail jump as
-        packed sequences and build a ``[T_local, T_local]`` mask."""
+        packed sequences and build a ``[T_local, T_local]`` mask. Collective: the cp ranks first check that they hold
+        the same rows (:meth:`check_same_rows`)."""
         from torch.distributed.tensor.experimental import context_parallel
 
+        self.check_same_rows(input_ids)
         out = cp_inputs(input_ids, labels, self.cp, self.ignore_index)
         out["attention_mask"] = torch.ones_like(out["input_ids"])
         buffers = list(out.values())
